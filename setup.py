@@ -16,6 +16,7 @@ setup(
         "torch>=2.4",
         "deepspeed>=0.16",
         "transformers>=4.51",
+        "accelerate>=1.1",  # transformers needs it for its ZeRO-3 loading path
         "tokenizers>=0.21",
         "safetensors>=0.4",
         "omegaconf>=2.3",

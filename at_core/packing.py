@@ -1,0 +1,106 @@
+"""Packing: prompt+response sequences concatenated without padding into token-budget micro-batches.
+
+AutoThink batches mix no-think answers (tens of tokens) with think traces (thousands), so
+padding to the longest sequence wastes most of the compute; packing keeps every token
+useful. Position ids restart at 0 for each sequence, which transformers turns into a
+block-diagonal causal mask, so sequences never attend to each other.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Sequence
+
+import torch
+
+from at_core.logprob import token_logprobs
+
+
+@dataclass
+class Rollout:
+    """One sampled response with everything the update needs."""
+
+    prompt_ids: List[int]
+    response_ids: List[int]
+    advantage: float = 0.0
+    old_logprobs: List[float] | None = None  # per response token; None: on-policy (use detached current)
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.response_ids)
+
+
+def plan_micro_batches(lengths: Sequence[int], token_budget: int) -> List[List[int]]:
+    """First-fit decreasing bin packing of sequence indices under `token_budget` tokens.
+
+    A sequence longer than the budget gets a micro-batch of its own. Deterministic: ties
+    keep the input order.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: List[List[int]] = []
+    room: List[int] = []
+    for i in order:
+        for b, free in enumerate(room):
+            if lengths[i] <= free:
+                bins[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(token_budget - lengths[i])
+    return [sorted(b) for b in bins]
+
+
+@dataclass
+class PackedBatch:
+    input_ids: torch.Tensor  # [1, T]
+    position_ids: torch.Tensor  # [1, T]
+    logit_index: torch.Tensor  # [N] positions whose logits predict the response tokens
+    targets: torch.Tensor  # [N] the response tokens
+    seq_of_token: torch.Tensor  # [N] which rollout (index into `rollouts`) each target belongs to
+    rollouts: List[Rollout]
+
+
+def pack(rollouts: Sequence[Rollout], device: torch.device | str = "cpu") -> PackedBatch:
+    ids: List[int] = []
+    pos: List[int] = []
+    logit_index: List[int] = []
+    targets: List[int] = []
+    owner: List[int] = []
+    for k, r in enumerate(rollouts):
+        start = len(ids)
+        seq = list(r.prompt_ids) + list(r.response_ids)
+        ids.extend(seq)
+        pos.extend(range(len(seq)))
+        p = len(r.prompt_ids)
+        # logits at position t predict token t + 1
+        logit_index.extend(range(start + p - 1, start + len(seq) - 1))
+        targets.extend(r.response_ids)
+        owner.extend([k] * len(r.response_ids))
+
+    def t(x):
+        return torch.tensor(x, dtype=torch.long, device=device)
+
+    return PackedBatch(t(ids)[None], t(pos)[None], t(logit_index), t(targets), t(owner), list(rollouts))
+
+
+def packed_logprobs(model, batch: PackedBatch, temperature: float = 1.0, with_entropy: bool = False,
+                    chunk: int = 4096):
+    """Per-token log-probs (and entropies) of the response tokens of a packed micro-batch.
+
+    Only the response positions go through the lm_head, chunk by chunk, so the `[T, V]`
+    logits of the whole micro-batch never exist at once. `model` is an HF causal LM (or the
+    DeepSpeed engine's module): calling its submodules keeps ZeRO-3's gather hooks in play.
+    """
+    backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    hidden = backbone(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).last_hidden_state
+    hidden = hidden[0].index_select(0, batch.logit_index)
+    logps, ents = [], []
+    for s in range(0, hidden.shape[0], chunk):
+        logits = model.lm_head(hidden[s : s + chunk])
+        logps.append(token_logprobs(logits, batch.targets[s : s + chunk], temperature))
+        if with_entropy:  # differentiable (the entropy bonus), bounded by the chunk
+            logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)
+            ents.append(-(logp_all.exp() * logp_all).sum(-1))
+    logp = torch.cat(logps) if logps else hidden.new_zeros(0, dtype=torch.float32)
+    ent = (torch.cat(ents) if ents else hidden.new_zeros(0, dtype=torch.float32)) if with_entropy else None
+    return logp, ent
