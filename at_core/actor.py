@@ -1,0 +1,124 @@
+"""The policy update: packed micro-batches, global-token loss scaling, one DeepSpeed step per mini-batch.
+
+ZeRO-3 all-gathers parameters inside every forward and backward, so all ranks must run the
+same number of micro-batches; a rank with fewer runs zero-weighted filler passes. The loss
+of each micro-batch is its token sum times world_size / global_tokens, so the gradient is
+the mean over every response token of the step, however the step is split.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+
+from at_core.algorithm import policy_loss
+from at_core.packing import Rollout, pack, packed_logprobs, plan_micro_batches
+
+
+def _all_reduce(values: List[float], op=dist.ReduceOp.SUM) -> List[float]:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=op)
+    return t.tolist()
+
+
+def _device(engine) -> torch.device:
+    return next(engine.module.parameters()).device
+
+
+def _micro_plan(rollouts: Sequence[Rollout], token_budget: int) -> List[List[int]]:
+    """This rank's micro-batches, padded to the largest count on any rank (empty = filler)."""
+    plan = plan_micro_batches([r.length for r in rollouts], token_budget) if rollouts else []
+    count = int(_all_reduce([len(plan)], dist.ReduceOp.MAX)[0])
+    return plan + [[] for _ in range(count - len(plan))]
+
+
+@torch.no_grad()
+def compute_logprobs(engine, rollouts: Sequence[Rollout], token_budget: int, temperature: float,
+                     chunk: int = 4096) -> List[List[float]]:
+    """Per-token log-probs of each rollout's response under `engine` (old policy or reference)."""
+    out: List[List[float]] = [[] for _ in rollouts]
+    filler = [rollouts[0]] if rollouts else []
+    for idx in _micro_plan(rollouts, token_budget):
+        group = [rollouts[i] for i in idx] or filler
+        if not group:  # this rank has no data at all this step: still take part in the gathers
+            group = [Rollout(prompt_ids=[0], response_ids=[0])]
+        batch = pack(group, _device(engine))
+        logp, _ = packed_logprobs(engine.module, batch, temperature, chunk=chunk)
+        if idx:
+            for k, i in enumerate(idx):
+                out[i] = logp[batch.seq_of_token == k].tolist()
+    return out
+
+
+def update_policy(engine, rollouts: Sequence[Rollout], algo: DictConfig, temperature: float,
+                  ref_logprobs: Optional[List[List[float]]] = None) -> Dict[str, float]:
+    """One RL step's policy update over this rank's rollouts (ppo_epochs x mini_batches steps)."""
+    stats: Dict[str, float] = defaultdict(float)
+    n_mini = max(1, algo.mini_batches)
+    on_policy = algo.ppo_epochs * n_mini == 1
+    if not on_policy:
+        olds = compute_logprobs(engine, rollouts, algo.micro_batch_tokens, temperature, algo.logprob_chunk)
+        for r, lp in zip(rollouts, olds):
+            r.old_logprobs = lp
+    minis = [list(range(len(rollouts)))[m::n_mini] for m in range(n_mini)]
+    steps = 0
+    for _ in range(algo.ppo_epochs):
+        for mini in minis:
+            refs = None if ref_logprobs is None else [ref_logprobs[i] for i in mini]
+            for k, v in backward_mini_batch(engine, [rollouts[i] for i in mini], algo, temperature,
+                                            on_policy, refs).items():
+                stats[k] += v
+            engine.step()
+            steps += 1
+            grad_norm = engine.get_global_grad_norm()
+            stats["grad_norm"] += float(grad_norm) if grad_norm is not None else 0.0
+    keys = sorted(k for k in stats if k != "grad_norm")
+    totals = dict(zip(keys, _all_reduce([stats[k] for k in keys])))
+    tokens = max(totals.pop("tokens", 0.0), 1.0)
+    out = {k: v / tokens for k, v in totals.items()}
+    out["grad_norm"] = stats["grad_norm"] / max(steps, 1)
+    out["update_tokens"] = tokens / max(algo.ppo_epochs, 1)
+    out["lr"] = engine.optimizer.param_groups[0]["lr"]
+    return out
+
+
+def backward_mini_batch(engine, local: Sequence[Rollout], algo: DictConfig, temperature: float,
+                        on_policy: bool = True, ref_logprobs: Optional[List[List[float]]] = None) -> Dict[str, float]:
+    """Forward/backward over this rank's share of one mini-batch; gradients accumulate, no step."""
+    stats: Dict[str, float] = defaultdict(float)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    global_tokens = _all_reduce([sum(len(r.response_ids) for r in local)])[0]
+    scale = world / max(global_tokens, 1.0)
+    plan = _micro_plan(local, algo.micro_batch_tokens)
+    for j, idx in enumerate(plan):
+        engine.set_gradient_accumulation_boundary(j == len(plan) - 1)
+        group = [local[i] for i in idx]
+        filler = not group
+        if filler:  # keep ZeRO-3's collectives in step with the other ranks
+            group = list(local[:1]) or [Rollout(prompt_ids=[0], response_ids=[0])]
+        batch = pack(group, _device(engine))
+        logp, ent = packed_logprobs(engine.module, batch, temperature, with_entropy=True, chunk=algo.logprob_chunk)
+        adv = torch.tensor([r.advantage for r in group], dtype=torch.float32, device=logp.device)
+        old = logp.detach() if on_policy or filler else torch.tensor(
+            [x for r in group for x in r.old_logprobs], dtype=torch.float32, device=logp.device)
+        ref = None
+        if ref_logprobs is not None:
+            ref = logp.detach() if filler else torch.tensor(
+                [x for i in idx for x in ref_logprobs[i]], dtype=torch.float32, device=logp.device)
+        terms = policy_loss(
+            logp, old, adv[batch.seq_of_token],
+            clip_low=algo.clip_low, clip_high=algo.clip_high, scale=0.0 if filler else scale,
+            entropy=ent, entropy_coef=algo.entropy_coef,
+            ref_logp=ref, kl_coef=algo.kl_coef, kl_estimator=algo.kl_estimator,
+        )
+        engine.backward(terms.loss, scale_wrt_gas=False)
+        if not filler:
+            for k, v in terms.stats.items():
+                stats[k] += v
+            stats["tokens"] += float(batch.targets.numel())
+    return stats
