@@ -1,0 +1,427 @@
+"""Per-GPU memory plan of a recipe, proven on paper before a cluster is booked.
+
+Weights cannot be downloaded where recipes are written, so the plan is built from the
+architecture alone (`at_core.meta`) and the run config. It counts what each party holds
+per GPU, in the phases that do not overlap in time:
+
+- train (backward): the ZeRO-3 actor's shards, its gathered-layer and bucket buffers, the
+  reference model (only when a KL term is on), checkpointed hidden states, then the larger
+  of one recomputed layer and the log-prob pass over the vocabulary;
+- step: the shards plus the fp32 gradient copy DeepSpeed makes for the optimizer;
+- rollout: what the trainer keeps resident plus SGLang's static pool
+  (`mem_fraction` x GPU memory: weights at `tp_size` and the KV cache) and its runtime.
+Colocated, SGLang frees its weights and KV during the update, so the peak is the larger
+phase; apart, the trainer and SGLang sit on different GPUs and the worse side counts.
+
+Units: "GB" is 2**30 bytes, what nvidia-smi (MiB/1024) and DeepSpeed's estimator print.
+Accuracy: model states follow DeepSpeed's allocation exactly; activations are counted
+tensor by tensor for a Qwen2/Llama decoder under HF gradient checkpointing, about +-20%.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from at_core.config import ConfigError, load_config
+from at_core.meta import build_meta_model, count_params, largest_module_params, load_model_config, shapes
+
+GIB = 2**30
+SAFETY_MARGIN = 0.10  # of the GPU: allocator fragmentation and what this model does not count
+TRAINER_RUNTIME_GIB = 1.5  # CUDA context, cuBLAS workspaces, NCCL buffers of the trainer process
+SGLANG_RUNTIME_GIB = 2.5  # outside SGLang's static pool while it serves: CUDA graphs, decode activations
+SGLANG_RELEASED_GIB = 1.0  # what SGLang keeps after releasing weights, KV and graphs (context, caches)
+# DeepSpeed ZeRO-3 defaults (deepspeed/runtime/zero/config.py), overridable via deepspeed.extra.
+ZERO_DEFAULTS = {"reduce_bucket_size": 5e8, "stage3_prefetch_bucket_size": 5e7, "sub_group_size": 1e9}
+
+
+@dataclass(frozen=True)
+class Arch:
+    """What the plan needs from the architecture, read off the meta model."""
+
+    name: str
+    params: int
+    largest_module: int  # params of the largest single module (ZeRO-3 gathers it whole)
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tensors: tuple  # at_core.meta.TensorShape, for the weight-sync plan
+
+    @classmethod
+    def from_config(cls, model_config: Any, dtype: str = "bf16") -> "Arch":
+        mc = load_model_config(model_config)
+        model = build_meta_model(mc, dtype=dtype)
+        hd = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+        name = mc.model_type
+        if isinstance(model_config, (str, Path)):
+            name = Path(model_config).stem if Path(model_config).is_file() else Path(model_config).name
+        return cls(name, count_params(model),
+                   largest_module_params(model), mc.hidden_size, mc.intermediate_size,
+                   mc.num_hidden_layers, mc.num_attention_heads,
+                   getattr(mc, "num_key_value_heads", None) or mc.num_attention_heads, hd,
+                   mc.vocab_size, tuple(shapes(model)))
+
+
+def _zero_knobs(cfg: DictConfig) -> Dict[str, float]:
+    extra = OmegaConf.to_container(cfg.deepspeed.extra, resolve=True) or {}
+    zo = extra.get("zero_optimization", {}) or {}
+    knobs = {k: float(zo.get(k, zo.get(k.replace("stage3_", ""), v))) for k, v in ZERO_DEFAULTS.items()}
+    # DeepSpeed accumulates gradients in the model dtype unless data_types.grad_accum_dtype says fp32.
+    knobs["grad_accum_bytes"] = 4 if str((extra.get("data_types") or {}).get("grad_accum_dtype", "")) in (
+        "fp32", "float32", "torch.float32") else None
+    return knobs
+
+
+def model_states(params: int, largest_module: int, world: int, *, param_bytes: int = 2,
+                 grad_bytes: int = 2, offload_optimizer: bool = False, offload_param: bool = False,
+                 sub_group_size: float = 1e9, nodes: int = 1) -> Dict[str, float]:
+    """ZeRO-3 model states in bytes per GPU (and CPU per node), as DeepSpeed 0.19 allocates them.
+
+    Per parameter and shard: the low-precision param, the gradient partition (model dtype, on
+    the optimizer's device), fp32 master + Adam m + v (12 bytes, on the optimizer's device);
+    at the step one sub-group's gradients are copied to fp32 (`_prepare_fp32_grad_for_sub_group`).
+    While a module runs, its full params and their full gradient live on the GPU (4 bytes x
+    the largest module in bf16, the same term DeepSpeed's estimator uses).
+    """
+    shard = params / world
+    step_copy = 4 * min(sub_group_size, shard)
+    gpu = {"params": 0.0 if offload_param else param_bytes * shard,
+           "grads": 0.0 if offload_optimizer else grad_bytes * shard,
+           "optimizer": 0.0 if offload_optimizer else 12 * shard,
+           "gathered": 2 * param_bytes * largest_module,
+           "step_fp32_grad": 0.0 if offload_optimizer else step_copy}
+    per_node = world / nodes
+    cpu = 0.0
+    if offload_optimizer:
+        cpu += (grad_bytes + 12) * shard * per_node + 4 * min(sub_group_size, shard) * per_node
+    if offload_param:
+        cpu += param_bytes * shard * per_node
+    gpu["cpu_per_node"] = cpu
+    return gpu
+
+
+def activation_bytes(arch: Arch, tokens: int, *, act_bytes: int = 2, attn: str = "sdpa",
+                     checkpointing: bool = True) -> Dict[str, float]:
+    """Training activations for one packed micro-batch of `tokens` tokens, counted per saved tensor.
+
+    A Qwen2 decoder layer saves: per RMSNorm an fp32 copy of its input, the bf16 normalised
+    value and the output; q, k, v and their rotary halves and results; k, v repeated to all
+    heads (sdpa with a packed mask; flash-attention-2 reads them as they are); the attention
+    output and log-sum-exp; the residual; gate, up, silu(gate) and their product. Attention
+    is memory-efficient (no [T, T] scores); with sdpa the packed-sequence mask is [T, T]
+    (bool, and a bf16 copy the kernel makes).
+    """
+    T, b = tokens, act_bytes
+    th, tkv, ti = T * arch.hidden, T * arch.kv_heads * arch.head_dim, T * arch.intermediate
+    norm = (4 + 2 * b) * th
+    # q, rotate_half(q), q_embed; k, rotate_half(k), k_embed, v; the kernel's output and the
+    # contiguous copy o_proj saves; fp32 log-sum-exp per head
+    attn_saved = b * (3 * th + 4 * tkv) + 2 * b * th + 4 * arch.heads * T
+    if attn != "flash_attention_2":
+        attn_saved += 2 * b * th  # repeat_kv expands k and v to every query head
+    layer = 2 * norm + attn_saved + b * th + 4 * b * ti
+    backward = 2 * b * ti + 2 * 4 * th  # gradients of gate/up outputs, fp32 norm gradients
+    mask = 3 * T * T if attn == "sdpa" else 0
+    saved_per_layer = b * th if checkpointing else layer
+    return {"checkpoints": arch.layers * saved_per_layer + 2 * b * th + mask,
+            "layer": (layer if checkpointing else 0) + backward}
+
+
+def logprob_bytes(arch: Arch, tokens: int, chunk: int, act_bytes: int = 2) -> Dict[str, float]:
+    """The lm_head + log-softmax pass: chunked (one [C, V] chunk at a time) and naive ([T, V])."""
+    def rows(r):  # bf16 logits, fp32 logits, fp32 log_softmax, fp32 backward copy
+        return (act_bytes + 3 * 4) * r * arch.vocab
+    hidden_grad = 4 * tokens * arch.hidden
+    naive = rows(tokens) + hidden_grad
+    fused = rows(min(chunk, tokens)) + hidden_grad + 8 * tokens if chunk > 0 else naive
+    return {"fused": fused, "naive": naive}
+
+
+def rollout_bytes(arch: Arch, cfg: DictConfig, st: DictConfig, engines: int, gpu_mem_gb: float) -> Dict[str, float]:
+    """SGLang per GPU: weights at tp_size, the KV cache the stage needs, and the static pool it takes.
+
+    SGLang sizes its KV pool so that weights + pool = mem_fraction x the memory free when it
+    starts; counted as if it started on an empty GPU (the larger case, and the order-free one).
+    """
+    tp = cfg.rollout.tp_size
+    weights = 2 * arch.params / tp
+    kv_heads_per_gpu = math.ceil(arch.kv_heads / tp)  # tp beyond the KV heads replicates them
+    per_token = 2 * arch.layers * kv_heads_per_gpu * arch.head_dim * 2  # k and v, bf16
+    seqs = math.ceil(st.prompts_per_step * st.rollouts_per_prompt / engines)
+    need = seqs * (cfg.max_prompt_len + st.max_response_len) * per_token
+    static = cfg.rollout.mem_fraction * gpu_mem_gb * GIB
+    capacity = max(0.0, static - weights)
+    return {"weights": weights, "kv_need": need, "kv_capacity": capacity, "static": static,
+            "seqs_per_engine": seqs, "kv_per_token": per_token,
+            "concurrency": min(1.0, capacity / need) if need else 1.0}
+
+
+def _stage_plan(cfg: DictConfig, arch: Arch, gpus: int, gpu_mem_gb: float, nodes: int,
+                stage: str, rollout_gpus: Optional[int]) -> Dict[str, Any]:
+    st = cfg.stage[stage]
+    fp32 = cfg.model.dtype == "fp32"
+    pb = 4 if fp32 else 2
+    knobs = _zero_knobs(cfg)
+    colocate = cfg.rollout.colocate
+    train_gpus = gpus if colocate else gpus - rollout_gpus
+    roll_gpus = gpus if colocate else rollout_gpus
+    algo, ds = cfg.algorithm, cfg.deepspeed
+    offload_opt, offload_param = ds.offload_optimizer, ds.offload_param
+    if ds.zero_stage != 3:  # stages 1/2 shard only optimizer states (and grads); params stay whole
+        offload_param = False
+    world_states = train_gpus
+    ms = model_states(arch.params, arch.largest_module, world_states, param_bytes=pb,
+                      grad_bytes=knobs["grad_accum_bytes"] or pb, offload_optimizer=offload_opt,
+                      offload_param=offload_param, sub_group_size=knobs["sub_group_size"],
+                      nodes=max(1, nodes if colocate else math.ceil(nodes * train_gpus / gpus)))
+    if ds.zero_stage < 3:
+        ms["params"], ms["gathered"] = pb * arch.params, 0.0
+        if ds.zero_stage < 2 and not offload_opt:
+            ms["grads"] = pb * arch.params
+    longest = cfg.max_prompt_len + st.max_response_len
+    tokens = max(algo.micro_batch_tokens, longest)  # a micro-batch holds at least one whole sequence
+    act = activation_bytes(arch, tokens, act_bytes=pb, attn=cfg.model.attn_implementation,
+                           checkpointing=cfg.model.gradient_checkpointing)
+    lp = logprob_bytes(arch, tokens, algo.logprob_chunk, pb)
+    buffers = knobs["reduce_bucket_size"] * pb + knobs["stage3_prefetch_bucket_size"] * pb
+    ref = 0.0
+    if algo.kl_coef > 0:
+        ref = (0.0 if offload_param else pb * arch.params / train_gpus) + pb * arch.largest_module
+    engines = max(1, roll_gpus // cfg.rollout.tp_size)
+    ro = rollout_bytes(arch, cfg, st, engines, gpu_mem_gb)
+    runtime = TRAINER_RUNTIME_GIB * GIB
+    resident = ms["params"] + ms["grads"] + ms["optimizer"] + buffers + ref + runtime
+    sglang_idle = SGLANG_RELEASED_GIB * GIB if colocate else 0.0
+    train = resident + ms["gathered"] + act["checkpoints"] + max(act["layer"], lp["fused"]) + sglang_idle
+    step = resident + ms["step_fp32_grad"] + sglang_idle
+    sglang_active = ro["static"] + SGLANG_RUNTIME_GIB * GIB
+    rollout = (resident if colocate else 0.0) + sglang_active
+    gb = {"actor_params": ms["params"], "actor_grads": ms["grads"], "actor_optimizer": ms["optimizer"],
+          "zero_buffers": ms["gathered"] + buffers, "ref_model": ref,
+          "act_checkpoints": act["checkpoints"], "act_layer_recompute": act["layer"], "logprob": lp["fused"],
+          "sglang_weights": ro["weights"], "sglang_kv": min(ro["kv_need"], ro["kv_capacity"]),
+          "sglang_static": ro["static"], "runtime": runtime,
+          "train_phase": train, "step_phase": step, "rollout_phase": rollout,
+          "total": max(train, step, rollout)}
+    gb = {k: round(v / GIB, 2) for k, v in gb.items()}
+    mean_resp = st.max_response_len * MEAN_RESPONSE_FRAC
+    seqs = st.prompts_per_step * st.rollouts_per_prompt
+    notes = []
+    if tokens > algo.micro_batch_tokens:
+        notes.append(f"stage {stage}: sequences reach {longest} tokens, above algorithm.micro_batch_tokens="
+                     f"{algo.micro_batch_tokens}; a micro-batch then holds one whole sequence ({tokens} tokens)")
+    if ro["kv_capacity"] <= 0:
+        notes.append(f"stage {stage}: SGLang's weights ({ro['weights'] / GIB:.1f} GB) exceed its static pool "
+                     f"(rollout.mem_fraction={cfg.rollout.mem_fraction} x {gpu_mem_gb} GB): no room for KV")
+    elif ro["concurrency"] < 1:
+        notes.append(f"stage {stage}: KV for {ro['seqs_per_engine']} full-length sequences per engine needs "
+                     f"{ro['kv_need'] / GIB:.1f} GB/GPU, the pool holds {ro['kv_capacity'] / GIB:.1f}: "
+                     f"SGLang runs them in ~{math.ceil(1 / ro['concurrency'])} waves at worst")
+    return {"stage": stage, "per_gpu_gb": gb, "micro_batch_tokens": tokens,
+            "logprob_naive_gb": round(lp["naive"] / GIB, 2),
+            "cpu_gb_per_node": round(ms["cpu_per_node"] / GIB, 1),
+            "kv_concurrency": round(ro["concurrency"], 3), "train_gpus": train_gpus, "rollout_gpus": roll_gpus,
+            "engines": engines, "sequences": seqs,
+            "tokens_per_step_max": seqs * longest,
+            "tokens_per_step_est": int(seqs * (MEAN_PROMPT_LEN + mean_resp)), "notes": notes,
+            "kv_ok": ro["kv_capacity"] > 0}
+
+
+MEAN_PROMPT_LEN = 150  # a DeepScaleR problem under the chat template, typically 100-200 tokens
+MEAN_RESPONSE_FRAC = 0.6  # assumed mean response / length cap, for the tokens-per-step estimate only
+
+
+def sync_plan(tensors, bucket_mb: int) -> Dict[str, Any]:
+    """Greedy buckets in parameter order, as the weight sync fills them; an oversized tensor goes alone."""
+    cap = bucket_mb * 2**20
+    buckets, fill = 0, cap + 1
+    for t in tensors:
+        if fill + t.nbytes > cap or t.nbytes > cap:
+            buckets, fill = buckets + 1, 0
+        fill += t.nbytes
+    big = max(tensors, key=lambda t: t.nbytes)
+    return {"bucket_mb": bucket_mb, "buckets": buckets, "tensors": len(tensors),
+            "total_mb": round(sum(t.nbytes for t in tensors) / 2**20, 1),
+            "largest_tensor": big.name, "largest_tensor_mb": round(big.nbytes / 2**20, 1),
+            "largest_exceeds_bucket": big.nbytes > cap}
+
+
+def _budget(gpu_mem_gb: float) -> float:
+    return round(gpu_mem_gb * (1 - SAFETY_MARGIN), 2)
+
+
+def _worst(cfg, arch, gpus, gpu_mem_gb, nodes, stages, rollout_gpus) -> Dict[str, Any]:
+    plans = [_stage_plan(cfg, arch, gpus, gpu_mem_gb, nodes, s, rollout_gpus) for s in stages]
+    worst = max(plans, key=lambda p: (p["per_gpu_gb"]["total"], p["per_gpu_gb"]["train_phase"]))
+    worst["fits"] = worst["per_gpu_gb"]["total"] <= _budget(gpu_mem_gb) and all(p["kv_ok"] for p in plans)
+    worst["all_stages"] = plans
+    return worst
+
+
+def _override(cfg: DictConfig, dotted: List[str]) -> DictConfig:
+    c = copy.deepcopy(cfg)
+    for o in dotted:
+        key, val = o.split("=", 1)
+        OmegaConf.update(c, key, OmegaConf.create(f"v: {val}")["v"], merge=False)
+    return c
+
+
+def _suggest(cfg, arch, gpus, gpu_mem_gb, nodes, stages, rollout_gpus, worst) -> List[str]:
+    """What to change when the plan does not fit, each change re-planned: config first, then hardware."""
+    if worst["fits"]:
+        return []
+    gb, gpn = worst["per_gpu_gb"], gpus // nodes
+    ds, ro, algo = cfg.deepspeed, cfg.rollout, cfg.algorithm
+    changes = []
+    if not ds.offload_optimizer:
+        changes.append(["deepspeed.offload_optimizer=true"])
+    if not ds.offload_param:
+        changes.append(["deepspeed.offload_optimizer=true", "deepspeed.offload_param=true"])
+    longest = cfg.max_prompt_len + max(cfg.stage[s].max_response_len for s in stages)
+    if algo.micro_batch_tokens > longest:
+        changes.append([f"algorithm.micro_batch_tokens={max(longest, algo.micro_batch_tokens // 2)}"])
+    if gb["logprob"] >= gb["act_layer_recompute"] and algo.logprob_chunk > 1024:
+        changes.append([f"algorithm.logprob_chunk={algo.logprob_chunk // 2}"])
+    if cfg.model.attn_implementation == "sdpa":
+        changes.append(["model.attn_implementation=flash_attention_2"])
+    if ro.colocate and gb["rollout_phase"] >= gb["train_phase"] and ro.mem_fraction > 0.3:
+        changes.append([f"rollout.mem_fraction={round(ro.mem_fraction - 0.1, 2)}"])
+    if ro.tp_size * 2 <= gpn and (worst["kv_concurrency"] < 1 or not all(p["kv_ok"] for p in worst["all_stages"])):
+        changes.append([f"rollout.tp_size={ro.tp_size * 2}"])
+    out = []
+    for change in changes:
+        p = _worst(_override(cfg, change), arch, gpus, gpu_mem_gb, nodes, stages, rollout_gpus)
+        verdict = "fits" if p["fits"] else "still over"
+        out.append(f"{' '.join(change)}: peak {p['per_gpu_gb']['total']} GB ({verdict})")
+    for n in range(nodes + 1, nodes + 17):
+        rg = None if rollout_gpus is None else rollout_gpus * n // nodes
+        p = _worst(cfg, arch, gpn * n, gpu_mem_gb, n, stages, rg)
+        if p["fits"]:
+            out.append(f"more GPUs: --gpus {gpn * n} --nodes {n}: peak {p['per_gpu_gb']['total']} GB (fits)")
+            break
+    else:
+        out.append(f"more GPUs alone do not fit up to {nodes + 16} nodes; combine with the changes above")
+    return out
+
+
+def plan(cfg: DictConfig, model_config: Any, gpus: int, gpu_mem_gb: float, nodes: int = 1,
+         stage: Optional[str] = None, rollout_gpus: Optional[int] = None) -> Dict[str, Any]:
+    """The memory plan of `cfg` for the model at `model_config` (a directory, a config json, or a config).
+
+    `stage` None plans every configured stage and reports the worst. `rollout_gpus` (not colocated
+    only; default half) says how many of the `gpus` serve SGLang. Returns a JSON-able dict.
+    """
+    if gpus < 1 or nodes < 1 or gpus % nodes:
+        raise ValueError(f"--gpus {gpus} must be a positive multiple of --nodes {nodes}")
+    if cfg.rollout.tp_size > gpus // nodes or (gpus // nodes) % cfg.rollout.tp_size:
+        raise ValueError(f"rollout.tp_size={cfg.rollout.tp_size} must divide the {gpus // nodes} GPUs per node")
+    if not cfg.rollout.colocate:
+        rollout_gpus = rollout_gpus or gpus // 2
+        if not 0 < rollout_gpus < gpus:
+            raise ValueError(f"rollout GPUs ({rollout_gpus}) must leave some of the {gpus} GPUs to training")
+    stages = [str(stage)] if stage is not None else list(cfg.stage)
+    for s in stages:
+        if s not in cfg.stage:
+            raise ValueError(f"stage {s!r} is not configured (stages: {', '.join(cfg.stage)})")
+    arch = model_config if isinstance(model_config, Arch) else Arch.from_config(
+        model_config, dtype="fp32" if cfg.model.dtype == "fp32" else "bf16")
+    worst = _worst(cfg, arch, gpus, gpu_mem_gb, nodes, stages, rollout_gpus)
+    suggestions = _suggest(cfg, arch, gpus, gpu_mem_gb, nodes, stages, rollout_gpus, worst)
+    all_stages = worst.pop("all_stages")
+    return {
+        "model": arch.name, "params": arch.params, "largest_module_params": arch.largest_module,
+        "gpus": gpus, "nodes": nodes, "gpu_mem_gb": gpu_mem_gb, "budget_gb": _budget(gpu_mem_gb),
+        "safety_margin": SAFETY_MARGIN, "colocate": bool(cfg.rollout.colocate), **worst,
+        "stage_totals_gb": {p["stage"]: p["per_gpu_gb"]["total"] for p in all_stages},
+        "notes": [n for p in all_stages for n in p["notes"]],
+        "suggestions": suggestions,
+        "sync": sync_plan(arch.tensors, cfg.rollout.sync_bucket_mb),
+    }
+
+
+_ROWS = [("actor_params", "actor params (ZeRO-3 shard)"), ("actor_grads", "actor gradients (shard)"),
+         ("actor_optimizer", "fp32 master + Adam m, v (shard)"), ("zero_buffers", "ZeRO gathered layer + buckets"),
+         ("ref_model", "reference model (KL on only)"), ("act_checkpoints", "checkpointed hidden states"),
+         ("act_layer_recompute", "one layer recomputed + backward"), ("logprob", "log-prob pass (chunked)"),
+         ("runtime", "CUDA/NCCL runtime"), ("sglang_weights", "SGLang weights (at tp_size)"),
+         ("sglang_kv", "SGLang KV in use"), ("sglang_static", "SGLang static pool (mem_fraction)"),
+         ("train_phase", "= train phase"), ("step_phase", "= optimizer step phase"),
+         ("rollout_phase", "= rollout phase"), ("total", "PEAK per GPU")]
+
+
+def format_table(result: Dict[str, Any], cfg: DictConfig) -> str:
+    """The human-readable plan: components of the worst stage, verdict, per-stage peaks, sync, advice."""
+    st = cfg.stage[result["stage"]]
+    gb = result["per_gpu_gb"]
+    lines = [
+        f"model {result['model']}: {result['params'] / 1e9:.2f}B params, largest module "
+        f"{result['largest_module_params'] / 1e6:.0f}M",
+        f"{result['gpus']} GPUs on {result['nodes']} node(s) x {result['gpu_mem_gb']} GB, "
+        f"{'colocated' if result['colocate'] else 'separate'} rollout ({result['engines']} SGLang engines, "
+        f"tp {cfg.rollout.tp_size}), ZeRO-{cfg.deepspeed.zero_stage} offload optimizer="
+        f"{cfg.deepspeed.offload_optimizer} param={cfg.deepspeed.offload_param}",
+        f"worst stage {result['stage']}: {st.prompts_per_step} prompts x {st.rollouts_per_prompt} rollouts, "
+        f"{cfg.max_prompt_len}+{st.max_response_len} tokens, micro-batch {result['micro_batch_tokens']} tokens",
+        "", f"{'component':<36}{'GB/GPU':>9}", "-" * 45]
+    for key, label in _ROWS:
+        if key == "train_phase":
+            lines.append("-" * 45)
+        lines.append(f"{label:<36}{gb[key]:>9.2f}")
+    verdict = "FITS" if result["fits"] else "DOES NOT FIT"
+    lines += ["", f"budget {result['budget_gb']} GB ({result['gpu_mem_gb']} GB less a "
+                  f"{int(result['safety_margin'] * 100)}% safety margin): {verdict}",
+              f"train peak = resident + gathered + checkpoints + max(layer recompute, log-prob); "
+              f"naive [T, V] log-prob would take {result['logprob_naive_gb']} GB",
+              "per-stage peaks: " + ", ".join(f"{k}: {v} GB" for k, v in result["stage_totals_gb"].items()),
+              f"CPU memory per node for offloaded states: {result['cpu_gb_per_node']} GB",
+              f"tokens per step (stage {result['stage']}): {result['tokens_per_step_max']:,} at full length, "
+              f"~{result['tokens_per_step_est']:,} at {MEAN_PROMPT_LEN}-token prompts and "
+              f"{int(MEAN_RESPONSE_FRAC * 100)}%-of-cap responses"]
+    sy = result["sync"]
+    lines.append(f"weight sync: {sy['tensors']} tensors, {sy['total_mb']:.0f} MB in {sy['buckets']} buckets of "
+                 f"{sy['bucket_mb']} MB; largest {sy['largest_tensor']} {sy['largest_tensor_mb']} MB"
+                 + (" (sent alone, above the bucket size)" if sy["largest_exceeds_bucket"] else ""))
+    lines += [f"note: {n}" for n in result["notes"]]
+    lines += [f"suggest: {s}" for s in result["suggestions"]]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m at_core.plan", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", action="append", default=[], help="run config YAML (repeatable, merged in order)")
+    ap.add_argument("--model-path", help="model directory (only config.json is read) or a config json; "
+                                         "default: the config's model.path")
+    ap.add_argument("--gpus", type=int, required=True, help="GPUs in total")
+    ap.add_argument("--nodes", type=int, default=1)
+    ap.add_argument("--gpu-mem-gb", type=float, default=80.0)
+    ap.add_argument("--stage", help="plan one stage (default: every stage, the worst reported)")
+    ap.add_argument("--rollout-gpus", type=int, help="GPUs serving SGLang when not colocated (default: half)")
+    ap.add_argument("--json", action="store_true", help="print the plan as JSON")
+    ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. algorithm.micro_batch_tokens=16384")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        model = args.model_path or cfg.model.path
+        if not model:
+            raise ConfigError("no model: pass --model-path or set model.path in the config")
+        result = plan(cfg, model, args.gpus, args.gpu_mem_gb, args.nodes, args.stage, args.rollout_gpus)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2) if args.json else format_table(result, cfg))
+    return 0 if result["fits"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
