@@ -1,0 +1,237 @@
+"""One HTTP client for our rollout server and for real SGLang (same endpoints, same fields).
+
+Connection errors and 5xx answers are retried with exponential backoff; after the last
+try the error names the URL. A 4xx is the caller's mistake and is raised at once with the
+server's message (naming the field), except `/flush_cache`'s 400, which SGLang answers
+while requests are still running: that one is retried until `flush_timeout_s`.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import requests
+import torch
+
+from .protocol import dtype_name, encode_named_tensors
+
+
+class RolloutError(RuntimeError):
+    """The rollout server could not be reached or refused a request."""
+
+    def __init__(self, message: str, status: Optional[int] = None, field: Optional[str] = None):
+        super().__init__(message)
+        self.status = status
+        self.field = field
+
+
+@dataclass
+class Completion:
+    """One sample from /generate, prompt-major order, `n` per prompt."""
+
+    prompt_index: int
+    output_ids: list[int]
+    logprobs: Optional[list[float]]
+    finish_reason: str  # stop | length | abort
+    matched: Any = None  # the stop token id or stop string, when finish_reason == "stop"
+    text: Optional[str] = None
+    prompt_tokens: int = 0
+    meta_info: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.output_ids)
+
+
+class RolloutClient:
+    def __init__(self, url: str, api_key: Optional[str] = None, timeout_s: float = 600.0, retries: int = 3,
+                 backoff_s: float = 0.5, connect_timeout_s: float = 10.0):
+        self.url = url.rstrip("/")
+        self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self._local = threading.local()  # one requests.Session per thread (sessions are not thread-safe)
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    # ---------------------------------------------------------------- transport
+    @property
+    def _session(self) -> requests.Session:
+        if not hasattr(self._local, "session"):
+            self._local.session = requests.Session()
+        return self._local.session
+
+    def request(self, method: str, path: str, body: Any = None, *, data: Any = None,
+                timeout_s: Optional[float] = None, retries: Optional[int] = None) -> requests.Response:
+        """One call with retries on connection errors and 5xx; raises RolloutError on 4xx or when out of tries."""
+        url = f"{self.url}{path}"
+        headers = dict(self._headers)
+        if body is not None or data is not None:
+            headers["Content-Type"] = "application/json"
+            if data is None:
+                data = json.dumps(body).encode()
+        tries = (self.retries if retries is None else retries) + 1
+        last: Optional[str] = None
+        for attempt in range(tries):
+            if attempt:
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            try:
+                resp = self._session.request(method, url, data=data, headers=headers,
+                                             timeout=(self.connect_timeout_s, timeout_s or self.timeout_s))
+            except (requests.ConnectionError, requests.exceptions.ConnectTimeout) as err:
+                last = f"cannot connect ({type(err).__name__}: {err})"
+                continue
+            except requests.Timeout:
+                raise RolloutError(f"{method} {url}: no answer within {timeout_s or self.timeout_s:.0f}s") from None
+            if resp.status_code >= 500:
+                last = f"HTTP {resp.status_code}: {resp.text[:500]}"
+                continue
+            if resp.status_code >= 400:
+                raise _refused(method, url, resp)
+            return resp
+        raise RolloutError(f"{method} {url} failed after {tries} tries: {last}")
+
+    def _post(self, path: str, body: Any = None, **kw) -> Any:
+        resp = self.request("POST", path, {} if body is None else body, **kw)
+        return resp.json() if resp.content and resp.headers.get("content-type", "").startswith("application/json") \
+            else None
+
+    # ---------------------------------------------------------------- health and info
+    def health(self) -> bool:
+        try:
+            return self._session.get(f"{self.url}/health", timeout=(self.connect_timeout_s, 5)).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def wait_for_health(self, timeout_s: float = 300.0, interval_s: float = 0.5, process=None) -> None:
+        """Poll /health until it answers 200; `process` (a Popen) dying ends the wait early."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.health():
+                return
+            if process is not None and process.poll() is not None:
+                raise RolloutError(f"{self.url}: server process exited with code {process.returncode} before it "
+                                   "became healthy")
+            time.sleep(interval_s)
+        raise RolloutError(f"{self.url}/health did not answer 200 within {timeout_s:.0f}s")
+
+    def model_info(self) -> dict:
+        try:
+            return self.request("GET", "/model_info").json()
+        except RolloutError as err:
+            if err.status != 404:
+                raise
+            return self.request("GET", "/get_model_info").json()  # SGLang before /model_info
+
+    # ---------------------------------------------------------------- generation
+    def generate(self, input_ids: Sequence[Sequence[int]], sampling_params: Mapping | Sequence[Mapping],
+                 return_logprob: bool = True, timeout_s: Optional[float] = None) -> list[Completion]:
+        """A batch of prompts in one request; `n` samples per prompt come back prompt-major."""
+        body = {"input_ids": [list(map(int, p)) for p in input_ids], "return_logprob": return_logprob,
+                "sampling_params": list(sampling_params) if isinstance(sampling_params, (list, tuple))
+                else dict(sampling_params)}
+        if not body["input_ids"]:
+            return []
+        out = self.request("POST", "/generate", body, timeout_s=timeout_s).json()
+        out = out if isinstance(out, list) else [out]
+        ns = [int((sampling_params[i] if isinstance(sampling_params, (list, tuple)) else sampling_params)
+                  .get("n", 1)) for i in range(len(input_ids))]
+        if len(out) != sum(ns):
+            raise RolloutError(f"POST {self.url}/generate: expected {sum(ns)} samples, got {len(out)}")
+        prompt_of = [i for i, n in enumerate(ns) for _ in range(n)]
+        return [_completion(o, prompt_of[k], return_logprob) for k, o in enumerate(out)]
+
+    # ---------------------------------------------------------------- control
+    def flush_cache(self, timeout_s: float = 60.0, interval_s: float = 0.2) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self.request("POST", "/flush_cache")
+                return
+            except RolloutError as err:
+                if err.status != 400 or time.monotonic() > deadline:
+                    raise
+            time.sleep(interval_s)
+
+    def pause_generation(self, mode: Optional[str] = None) -> None:
+        self._post("/pause_generation", {} if mode is None else {"mode": mode})
+
+    def continue_generation(self) -> None:
+        self._post("/continue_generation")
+
+    def release_memory_occupation(self, tags: Optional[list[str]] = None) -> None:
+        self._post("/release_memory_occupation", {} if tags is None else {"tags": tags})
+
+    def resume_memory_occupation(self, tags: Optional[list[str]] = None) -> None:
+        self._post("/resume_memory_occupation", {} if tags is None else {"tags": tags})
+
+    # ---------------------------------------------------------------- weights
+    def update_weights_from_tensor(self, named_tensors: Mapping[str, torch.Tensor] | Iterable, flush_cache: bool = True,
+                                   weight_version: Optional[str] = None, timeout_s: Optional[float] = None) -> dict:
+        """Send tensors as one base64 safetensors blob (`load_format: safetensors`); applied all or nothing."""
+        named = dict(named_tensors)
+        return self.update_weights_from_serialized([encode_named_tensors(named)], flush_cache, weight_version,
+                                                   timeout_s)
+
+    def update_weights_from_serialized(self, blobs: Sequence[str], flush_cache: bool = True,
+                                       weight_version: Optional[str] = None,
+                                       timeout_s: Optional[float] = None) -> dict:
+        # The body is assembled from bytes: base64 needs no JSON escaping, and json.dumps over a
+        # multi-GB string would cost another full copy.
+        tail = {"load_format": "safetensors", "flush_cache": flush_cache}
+        if weight_version is not None:
+            tail["weight_version"] = weight_version
+        parts = [b'{"serialized_named_tensors":[']
+        for i, blob in enumerate(blobs):
+            parts += [b',"' if i else b'"', blob.encode("ascii") if isinstance(blob, str) else blob, b'"']
+        parts.append(b"]," + json.dumps(tail).encode()[1:])
+        return self.request("POST", "/update_weights_from_tensor", data=b"".join(parts), timeout_s=timeout_s).json()
+
+    def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                                  group_name: str = "weight_update_group", backend: str = "nccl",
+                                  timeout_s: Optional[float] = None) -> dict:
+        return self._post("/init_weights_update_group", {
+            "master_address": master_address, "master_port": int(master_port), "rank_offset": int(rank_offset),
+            "world_size": int(world_size), "group_name": group_name, "backend": backend}, timeout_s=timeout_s,
+            retries=0)
+
+    def update_weights_from_distributed(self, names: Sequence[str], dtypes: Sequence, shapes: Sequence[Sequence[int]],
+                                        group_name: str = "weight_update_group", flush_cache: bool = True,
+                                        weight_version: Optional[str] = None,
+                                        timeout_s: Optional[float] = None) -> dict:
+        """Announce one bucket; the caller then broadcasts each tensor from rank 0, in this order."""
+        body = {"names": list(names), "shapes": [list(map(int, s)) for s in shapes], "group_name": group_name,
+                "dtypes": [d if isinstance(d, str) else dtype_name(d) for d in dtypes], "flush_cache": flush_cache}
+        if weight_version is not None:
+            body["weight_version"] = weight_version
+        # Never retried: a repeated announcement would wait for broadcasts that will not come.
+        return self._post("/update_weights_from_distributed", body, timeout_s=timeout_s, retries=0)
+
+    def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> dict:
+        return self._post("/destroy_weights_update_group", {"group_name": group_name})
+
+
+def _refused(method: str, url: str, resp: requests.Response) -> RolloutError:
+    field_name, message = None, resp.text[:1000]
+    try:
+        payload = resp.json()
+        if isinstance(payload, dict):
+            message = payload.get("message") or payload.get("detail") or message
+            field_name = payload.get("field")
+    except ValueError:
+        pass
+    return RolloutError(f"{method} {url}: HTTP {resp.status_code}: {message}", resp.status_code, field_name)
+
+
+def _completion(out: dict, prompt_index: int, return_logprob: bool) -> Completion:
+    meta = out.get("meta_info", {})
+    reason = meta.get("finish_reason") or {}
+    lps = None
+    if return_logprob:
+        lps = [float(x[0]) for x in meta.get("output_token_logprobs", [])]
+    return Completion(prompt_index=prompt_index, output_ids=list(out.get("output_ids", [])), logprobs=lps,
+                      finish_reason=reason.get("type", "abort"), matched=reason.get("matched"),
+                      text=out.get("text"), prompt_tokens=int(meta.get("prompt_tokens", 0)), meta_info=meta)

@@ -1,0 +1,217 @@
+"""The wire format shared by our server, our client and SGLang (fields as in SGLang 0.5.x).
+
+Request bodies are pydantic models in strict mode with unknown fields forbidden, so a
+typo or a wrong type is a 400 that names the field instead of a silently ignored knob.
+Tensors travel as base64 safetensors: nothing received from the network is unpickled.
+
+Field names follow SGLang's `python/sglang/srt/managers/io_struct.py` (GenerateReqInput,
+UpdateWeightsFromTensorReqInput, InitWeightsUpdateGroupReqInput,
+UpdateWeightsFromDistributedReqInput, ...) and `sampling/sampling_params.py` as of 0.5.x.
+"""
+from __future__ import annotations
+
+import base64
+from typing import Any, Dict, List, Literal, Mapping, Optional, Union
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .generator import Sample, SamplingParams, SamplingParamsError
+
+DTYPES = {
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
+    "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """SGLang's dtype strings: `torch.bfloat16` -> `bfloat16`."""
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    key = name.removeprefix("torch.")
+    if key not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}")
+    return DTYPES[key]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+_NEUTRAL = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0, "min_new_tokens": 0,
+            "spaces_between_special_tokens": True, "regex": None, "json_schema": None, "ebnf": None, "logit_bias": None}
+
+
+class SamplingParamsIn(_Strict):
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    stop: Optional[Union[str, List[str]]] = None
+    stop_token_ids: Optional[List[int]] = None
+    ignore_eos: bool = False
+    n: int = 1
+    sampling_seed: Optional[int] = None
+    skip_special_tokens: bool = True
+    no_stop_trim: bool = False
+    # SGLang knobs this engine does not implement: accepted only at their neutral values.
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_new_tokens: int = 0
+    spaces_between_special_tokens: bool = True
+    regex: Optional[str] = None
+    json_schema: Optional[str] = None
+    ebnf: Optional[str] = None
+    logit_bias: Optional[Dict[str, float]] = None
+
+    def to_params(self, where: str) -> SamplingParams:
+        for name, neutral in _NEUTRAL.items():
+            if getattr(self, name) != neutral:
+                raise FieldError(f"{where}.{name}", f"{name}={getattr(self, name)!r} is not supported by this "
+                                                    f"server (only the neutral value {neutral!r})")
+        try:
+            return SamplingParams(
+                max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                min_p=self.min_p, stop=self.stop or (), stop_token_ids=self.stop_token_ids or (),
+                ignore_eos=self.ignore_eos, n=self.n, sampling_seed=self.sampling_seed,
+                skip_special_tokens=self.skip_special_tokens, no_stop_trim=self.no_stop_trim,
+            )
+        except SamplingParamsError as err:
+            raise FieldError(f"{where}.{err.field}", str(err)) from None
+
+
+class GenerateRequest(_Strict):
+    text: Optional[Union[str, List[str]]] = None
+    input_ids: Optional[Union[List[int], List[List[int]]]] = None
+    sampling_params: Optional[Union[SamplingParamsIn, List[SamplingParamsIn]]] = None
+    return_logprob: Optional[Union[bool, List[bool]]] = None
+    logprob_start_len: Optional[Union[int, List[int]]] = None
+    top_logprobs_num: Optional[Union[int, List[int]]] = None
+    return_text_in_logprobs: bool = False
+    stream: bool = False
+    rid: Optional[Union[str, List[str]]] = None
+    log_metrics: bool = True
+
+
+class EmptyRequest(_Strict):
+    pass
+
+
+class PauseRequest(_Strict):
+    mode: Literal["abort", "retract", "in_place"] = "abort"
+
+
+class UpdateWeightsFromTensorRequest(_Strict):
+    serialized_named_tensors: List[str]
+    load_format: Optional[str] = None
+    flush_cache: bool = True
+    abort_all_requests: bool = False
+    weight_version: Optional[str] = None
+
+
+class InitWeightsUpdateGroupRequest(_Strict):
+    master_address: str
+    master_port: int
+    rank_offset: int
+    world_size: int
+    group_name: str = "weight_update_group"
+    backend: str = "nccl"
+
+
+class UpdateWeightsFromDistributedRequest(_Strict):
+    names: List[str]
+    dtypes: List[str]
+    shapes: List[List[int]]
+    group_name: str = "weight_update_group"
+    flush_cache: bool = True
+    abort_all_requests: bool = False
+    weight_version: Optional[str] = None
+    load_format: Optional[str] = None
+
+
+class DestroyWeightsUpdateGroupRequest(_Strict):
+    group_name: str = "weight_update_group"
+
+
+class MemoryOccupationRequest(_Strict):
+    tags: Optional[List[str]] = None
+
+
+class FieldError(ValueError):
+    """A request error that names the offending field (dotted path, list indices in brackets)."""
+
+    def __init__(self, field: Optional[str], message: str, status: int = 400):
+        super().__init__(message)
+        self.field = field
+        self.status = status
+
+
+def field_error(err: ValidationError) -> FieldError:
+    """The most specific pydantic error, with union-branch names dropped from its location."""
+    errors = err.errors()
+    best = max(errors, key=lambda e: len(e.get("loc", ())))
+    if any(e["type"] == "json_invalid" for e in errors):
+        return FieldError(None, f"malformed JSON: {errors[0]['msg']}")
+    if any(e["type"] == "extra_forbidden" for e in errors):
+        best = max((e for e in errors if e["type"] == "extra_forbidden"), key=lambda e: len(e["loc"]))
+    parts: list[str] = []
+    for part in best.get("loc", ()):
+        if isinstance(part, int):
+            parts.append(f"[{part}]")
+        elif "[" in part or part[:1].isupper() or part in ("str", "int", "float", "bool"):
+            continue  # a union branch such as 'list[int]' or 'SamplingParamsIn'
+        else:
+            parts.append(("." if parts else "") + part)
+    name = "".join(parts) or None
+    what = "unknown field" if best["type"] == "extra_forbidden" else best["msg"]
+    return FieldError(name, f"{name or 'body'}: {what}")
+
+
+# ---------------------------------------------------------------- tensors on the wire
+def encode_named_tensors(named: Mapping[str, torch.Tensor]) -> str:
+    """base64 of a safetensors blob (CPU, contiguous copies where needed)."""
+    from safetensors.torch import save
+
+    blob = save({k: v.detach().to("cpu").contiguous() for k, v in named.items()})
+    return base64.b64encode(blob).decode("ascii")
+
+
+def decode_named_tensors(data: str | bytes, where: str = "serialized_named_tensors") -> Dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    try:
+        blob = base64.b64decode(data, validate=True)
+    except (ValueError, TypeError) as err:
+        raise FieldError(where, f"{where}: not valid base64 ({err})") from None
+    try:
+        return load(blob)
+    except Exception as err:  # safetensors raises its own SafetensorError
+        raise FieldError(where, f"{where}: not a safetensors blob ({err})") from None
+
+
+# ---------------------------------------------------------------- responses
+def sample_to_json(sample: Sample, rid: str, return_logprob: bool, tokenizer=None, text_in_logprobs=False,
+                   weight_version: Optional[str] = None) -> Dict[str, Any]:
+    meta: Dict[str, Any] = {
+        "id": rid,
+        "finish_reason": sample.finish_reason,
+        "prompt_tokens": sample.prompt_tokens,
+        "completion_tokens": len(sample.output_ids),
+        "cached_tokens": 0,
+        "weight_version": weight_version,
+    }
+    if return_logprob:
+        texts = [None] * len(sample.output_ids)
+        if text_in_logprobs and tokenizer is not None:
+            texts = [tokenizer.decode([t]) for t in sample.output_ids]
+        meta["input_token_logprobs"] = []
+        meta["output_token_logprobs"] = [[lp, t, s] for lp, t, s in zip(sample.logprobs, sample.output_ids, texts)]
+    out: Dict[str, Any] = {"output_ids": sample.output_ids, "meta_info": meta}
+    if sample.text is not None:
+        out["text"] = sample.text
+    return out
