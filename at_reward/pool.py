@@ -1,0 +1,435 @@
+"""Bounded, crash-proof grading in worker processes.
+
+Model output is untrusted input to a LaTeX parser and a computer-algebra system:
+`\\boxed{9^{9^{9^{9}}}}` can run for ever inside one C call, deep nesting can exhaust the
+stack, and math-verify's own timeouts (`signal.alarm`, main thread only, raising a
+`BaseException`) do not cover either. So grading runs in worker processes, one item in
+flight per worker with a wall-clock deadline; a worker that misses it is SIGKILLed and
+replaced, a worker that dies is replaced, and the item scores as incorrect.
+
+Why not `multiprocessing.Pool` / `ProcessPoolExecutor`: a hung task holds its slot for
+ever and a dead worker breaks the executor. Why not multiprocessing's forkserver: every
+child it starts re-imports the parent's `__main__` (the trainer: torch, DeepSpeed). Here a
+small "zygote" process imports math-verify once, warms its caches, and forks workers on
+request: forking a single-threaded process is safe and takes milliseconds, so starting
+or replacing a worker is cheap, and nothing of the (multi-threaded, GPU-holding) trainer
+is ever forked.
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib
+import importlib.util
+import logging
+import os
+import pickle
+import resource
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections import deque
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from typing import Any, Callable, Optional, Sequence
+
+from at_reward.grade import Grade
+from at_reward.math import extract_answer, gold_alternatives, quick_match, verify_answer
+
+
+class GradingError(RuntimeError):
+    """The pool itself cannot work (grader not importable, zygote will not start)."""
+
+
+@dataclass(frozen=True)
+class FnRef:
+    """A module-level function named so a worker can import it: by module, else by file."""
+
+    module: str
+    qualname: str
+    file: Optional[str] = None
+
+    @classmethod
+    def of(cls, fn: Callable) -> "FnRef":
+        if "<locals>" in fn.__qualname__ or fn.__qualname__ == "<lambda>":
+            raise GradingError(f"grader {fn.__qualname__} must be a module-level function")
+        mod = sys.modules.get(fn.__module__)
+        return cls(fn.__module__, fn.__qualname__, getattr(mod, "__file__", None))
+
+    def resolve(self) -> Callable:
+        mod = sys.modules.get(self.module) if self.module != "__main__" else None
+        if mod is None:
+            try:
+                if self.module == "__main__":
+                    raise ImportError("__main__ of the parent is not importable by name")
+                mod = importlib.import_module(self.module)
+            except ImportError:
+                if not self.file:
+                    raise
+                name = "_at_reward_main" if self.module == "__main__" else self.module
+                spec = importlib.util.spec_from_file_location(name, self.file)
+                mod = importlib.util.module_from_spec(spec)
+                sys.modules[name] = mod
+                spec.loader.exec_module(mod)
+        obj: Any = mod
+        for part in self.qualname.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+
+# ----------------------------------------------------------------------------- children
+
+
+def _quiet_logs() -> None:
+    # math-verify logs the whole input on every timeout: 50 kB of junk per bad answer.
+    for name in ("math_verify", "latex2sympy2_extended"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _worker_main(fd: int, memory_limit_mb: int) -> None:
+    """Serve (FnRef, args) requests on `fd` until EOF; every outcome is a reply."""
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the zygote
+    except (OSError, AttributeError):
+        pass
+    if memory_limit_mb > 0:
+        limit = memory_limit_mb << 20
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    conn = Connection(fd)
+    cache: dict[FnRef, Callable] = {}
+    while True:
+        try:
+            raw = conn.recv_bytes()
+        except (EOFError, OSError):
+            return
+        try:
+            ref, args = pickle.loads(raw)
+        except BaseException as err:  # noqa: BLE001 - any failure is a reply, never a death
+            conn.send(("error", f"bad request: {type(err).__name__}"))
+            continue
+        try:
+            fn = cache.get(ref) or cache.setdefault(ref, ref.resolve())
+        except BaseException as err:  # noqa: BLE001
+            conn.send(("unresolved", f"{ref.module}.{ref.qualname}: {type(err).__name__}: {err}"[:500]))
+            continue
+        try:
+            reply = ("ok", fn(*args))
+        except BaseException as err:  # noqa: BLE001 - includes math-verify's TimeoutException
+            reply = ("error", f"{type(err).__name__}: {err}"[:300])
+        try:
+            conn.send(reply)
+        except Exception as err:  # noqa: BLE001 - e.g. an unpicklable result
+            conn.send(("error", f"result not sendable: {type(err).__name__}"))
+
+
+def _zygote_main(ctrl_fd: int, memory_limit_mb: int, preload: Sequence[str]) -> None:
+    """Import and warm up once, then fork a worker per request (see the module note)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _quiet_logs()
+    for name in preload:
+        importlib.import_module(name)
+    verify_answer("\\frac{1}{2}", ("0.5",))  # compiles math-verify's regexes and grammar
+    ctrl = socket.socket(fileno=ctrl_fd)
+    ctrl.sendall(b"R")
+    unreaped: set[int] = set()
+    while True:
+        try:
+            msg, fds, _, _ = socket.recv_fds(ctrl, 64, 1)
+        except (OSError, ValueError):
+            break
+        if not msg:
+            for fd in fds:
+                os.close(fd)
+            break
+        if msg[:1] == b"F" and fds:
+            pid = os.fork()
+            if pid == 0:
+                ctrl.close()
+                try:
+                    _worker_main(fds[0], memory_limit_mb)
+                finally:
+                    os._exit(0)
+            os.close(fds[0])
+            ctrl.sendall(struct.pack("!q", pid))
+        elif msg[:1] == b"W":
+            unreaped.add(struct.unpack("!q", msg[1:9])[0])
+        for pid in list(unreaped):  # reap only what the parent has finished with
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    unreaped.discard(pid)
+            except ChildProcessError:
+                unreaped.discard(pid)
+    os._exit(0)  # workers die with us (PR_SET_PDEATHSIG)
+
+
+# ----------------------------------------------------------------------------- parent
+
+
+class _Worker:
+    def __init__(self, pid: int, conn: Connection):
+        self.pid, self.conn = pid, conn
+        self.pidfd = None
+        try:  # a pidfd can never signal a recycled pid
+            self.pidfd = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            pass
+
+    def kill(self) -> None:
+        try:
+            if self.pidfd is not None:
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            else:
+                os.kill(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, OSError):
+            pass
+        self.conn.close()
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+
+
+class _State:
+    """What must be torn down, kept apart from the pool so a finalizer can reach it."""
+
+    def __init__(self):
+        self.zygote: Optional[subprocess.Popen] = None
+        self.ctrl: Optional[socket.socket] = None
+        self.workers: list[_Worker] = []
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            w.kill()
+        self.workers = []
+        if self.ctrl is not None:
+            self.ctrl.close()
+            self.ctrl = None
+        if self.zygote is not None:
+            try:
+                self.zygote.wait(timeout=2.0)
+            except subprocess.TimeoutExpired:
+                self.zygote.kill()
+                self.zygote.wait()
+            self.zygote = None
+
+
+class GradingPool:
+    """Grade (response, gold) pairs in parallel, order preserved, each under `timeout_s`.
+
+    `grader=None` grades math: extraction and the exact/integer shortcuts run here, only
+    math-verify runs in the workers. `grader=fn` runs `fn(response, gold) -> Grade | bool`
+    (a module-level function) in the workers instead. A timed-out, crashed or raising item
+    scores `Grade(correct=False, format_ok=True)`: the response was answered, not graded.
+    Not thread-safe across calls (calls are serialised by a lock).
+    """
+
+    def __init__(
+        self,
+        workers: int = 2,
+        timeout_s: float = 5.0,
+        *,
+        grader: Optional[Callable[[str, Any], Any]] = None,
+        memory_limit_mb: int = 4096,
+        startup_timeout_s: float = 60.0,
+        preload: Sequence[str] = (),
+    ):
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        self.workers, self.timeout_s = int(workers), float(timeout_s)
+        self.grader = FnRef.of(grader) if grader is not None else None
+        self.memory_limit_mb, self.startup_timeout_s = memory_limit_mb, startup_timeout_s
+        self.preload = tuple(preload)
+        self.stats = {"graded": 0, "timeouts": 0, "crashes": 0, "errors": 0, "restarts": 0}
+        self.last_latency_s: list[float] = []  # per item of the last batch, dispatch to reply
+        self._verify_ref = FnRef.of(verify_answer)
+        # math-verify's own alarm (whole seconds) fires first where it can, which spares a
+        # kill and a fork; the pool's deadline covers what an alarm cannot interrupt.
+        self._alarm_s = max(1, int(self.timeout_s // 2))
+        self._lock = threading.Lock()
+        self._state = _State()
+        self._finalizer = weakref.finalize(self, self._state.shutdown)
+        self._start_zygote()
+
+    # -- lifecycle
+
+    def _start_zygote(self) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        paths = [p for p in sys.path if p] + ([os.getcwd()] if "" in sys.path else [])
+        code = (
+            f"import sys; sys.path[:0] = {paths!r}; from at_reward.pool import _zygote_main; "
+            f"_zygote_main({child.fileno()}, {int(self.memory_limit_mb)}, {list(self.preload)!r})"
+        )
+        self._state.zygote = subprocess.Popen(
+            [sys.executable, "-c", code], pass_fds=[child.fileno()], stdin=subprocess.DEVNULL
+        )
+        child.close()
+        self._state.ctrl = parent
+        self._zygote_ready = False
+
+    def _recv_ctrl(self, size: int, timeout: float) -> bytes:
+        ready, _, _ = select.select([self._state.ctrl], [], [], timeout)
+        if not ready:
+            raise GradingError(f"grading zygote did not answer within {timeout:.0f}s")
+        data = self._state.ctrl.recv(size)
+        if not data:
+            raise GradingError("grading zygote exited (see its error output above)")
+        return data
+
+    def _fork_worker(self) -> _Worker:
+        for attempt in range(2):
+            try:
+                if self._state.ctrl is None:
+                    raise GradingError("pool is closed")
+                if not self._zygote_ready:
+                    self._recv_ctrl(1, self.startup_timeout_s)
+                    self._zygote_ready = True
+                ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    socket.send_fds(self._state.ctrl, [b"F"], [theirs.fileno()])
+                finally:
+                    theirs.close()
+                pid = struct.unpack("!q", self._recv_ctrl(8, self.startup_timeout_s))[0]
+                return _Worker(pid, Connection(ours.detach()))
+            except (OSError, GradingError):
+                if attempt or self._state.ctrl is None:
+                    raise
+                self._restart_zygote()
+        raise AssertionError("unreachable")
+
+    def _restart_zygote(self) -> None:
+        self.stats["restarts"] += 1
+        state = self._state
+        if state.ctrl is not None:
+            state.ctrl.close()
+            state.ctrl = None
+        if state.zygote is not None:
+            state.zygote.kill()
+            state.zygote.wait()
+        self._start_zygote()
+
+    def _ensure_workers(self) -> None:
+        while len(self._state.workers) < self.workers:
+            self._state.workers.append(self._fork_worker())
+
+    def _retire(self, w: _Worker) -> _Worker:
+        """Kill `w`, let the zygote reap it, and put a fresh worker in its place."""
+        w.kill()
+        try:
+            self._state.ctrl.send(b"W" + struct.pack("!q", w.pid))
+        except (OSError, AttributeError):
+            pass
+        new = self._fork_worker()
+        self._state.workers[self._state.workers.index(w)] = new
+        return new
+
+    def close(self) -> None:
+        """Stop the workers and the zygote. Safe to call twice."""
+        with self._lock:
+            self._finalizer()
+
+    def __enter__(self) -> "GradingPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- running
+
+    def map(self, fn: Callable, items: Sequence[tuple], fallback: Any) -> list:
+        """`[fn(*args) for args in items]` in the workers; `fallback` where an item failed."""
+        return self._run(FnRef.of(fn), items, fallback)
+
+    def _run(self, ref: FnRef, items: Sequence[tuple], fallback: Any) -> list:
+        results = [fallback] * len(items)
+        latency = [0.0] * len(items)
+        todo = deque(range(len(items)))
+        with self._lock:
+            if not self._finalizer.alive:
+                raise GradingError("pool is closed")
+            self._ensure_workers()
+            busy: dict[_Worker, tuple[int, float]] = {}
+            while todo or busy:
+                for w in list(self._state.workers):
+                    if w in busy or not todo:
+                        continue
+                    i = todo.popleft()
+                    try:
+                        w.conn.send((ref, items[i]))
+                    except OSError:  # died while idle: not this item's fault
+                        self.stats["crashes"] += 1
+                        todo.appendleft(i)
+                        self._retire(w)
+                        continue
+                    busy[w] = (i, time.monotonic())
+                if not busy:
+                    continue
+                deadline = min(t0 for _, t0 in busy.values()) + self.timeout_s
+                by_conn = {w.conn: w for w in busy}
+                for conn in wait(list(by_conn), timeout=max(0.0, deadline - time.monotonic())):
+                    w = by_conn[conn]
+                    i, t0 = busy.pop(w)
+                    latency[i] = time.monotonic() - t0
+                    try:
+                        status, payload = conn.recv()
+                    except (EOFError, OSError):
+                        self.stats["crashes"] += 1
+                        self._retire(w)
+                        continue
+                    if status == "ok":
+                        results[i] = payload
+                    elif status == "unresolved":
+                        raise GradingError(f"grader cannot be imported in the worker: {payload}")
+                    else:
+                        self.stats["errors"] += 1
+                now = time.monotonic()
+                for w, (i, t0) in list(busy.items()):
+                    if now - t0 >= self.timeout_s:
+                        del busy[w]
+                        latency[i] = now - t0
+                        self.stats["timeouts"] += 1
+                        self._retire(w)
+        self.stats["graded"] += len(items)
+        self.last_latency_s = latency
+        return results
+
+    def grade_batch(self, pairs: Sequence[tuple[str, Any]]) -> list[Grade]:
+        """Grade `(response, gold)` pairs; the result list matches the input order."""
+        if self.grader is not None:
+            raw = self._run(self.grader, [(r, g) for r, g in pairs], None)
+            return [_as_grade(x) for x in raw]
+        grades: list[Optional[Grade]] = [None] * len(pairs)
+        jobs, where = [], []
+        for i, (response, gold) in enumerate(pairs):
+            golds = gold_alternatives(gold)
+            answer = extract_answer(response)
+            if answer is None:
+                grades[i] = Grade(False, False, None)
+                continue
+            quick = quick_match(answer, golds)
+            if quick is not None:
+                grades[i] = Grade(quick, True, answer)
+                continue
+            jobs.append((answer, golds, self._alarm_s))
+            where.append(i)
+        verdicts = self._run(self._verify_ref, jobs, False) if jobs else []
+        job_latency = self.last_latency_s if jobs else []
+        latency = [0.0] * len(pairs)
+        for k, i in enumerate(where):
+            grades[i] = Grade(bool(verdicts[k]), True, jobs[k][0])
+            latency[i] = job_latency[k]
+        self.last_latency_s = latency
+        return grades  # type: ignore[return-value]
+
+
+def _as_grade(x: Any) -> Grade:
+    if isinstance(x, Grade):
+        return x
+    if isinstance(x, bool):
+        return Grade(x, True, None)
+    return Grade(False, True, None)
