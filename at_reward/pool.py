@@ -328,6 +328,13 @@ class GradingPool:
         self._state.workers[self._state.workers.index(w)] = new
         return new
 
+    def worker_pids(self) -> list[int]:
+        """Process ids of the current workers (started on first use)."""
+        return [w.pid for w in self._state.workers]
+
+    def zygote_pid(self) -> Optional[int]:
+        return self._state.zygote.pid if self._state.zygote is not None else None
+
     def close(self) -> None:
         """Stop the workers and the zygote. Safe to call twice."""
         with self._lock:
