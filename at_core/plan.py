@@ -107,6 +107,8 @@ def model_states(params: int, largest_module: int, world: int, *, param_bytes: i
         cpu += (grad_bytes + 12) * shard * per_node + 4 * min(sub_group_size, shard) * per_node
     if offload_param:
         cpu += param_bytes * shard * per_node
+    held = gpu["params"] + gpu["grads"] + gpu["optimizer"]
+    gpu["gpu_peak"] = held + max(gpu["gathered"], gpu["step_fp32_grad"])  # backward or step, not both
     gpu["cpu_per_node"] = cpu
     return gpu
 
@@ -130,12 +132,14 @@ def activation_bytes(arch: Arch, tokens: int, *, act_bytes: int = 2, attn: str =
     attn_saved = b * (3 * th + 4 * tkv) + 2 * b * th + 4 * arch.heads * T
     if attn != "flash_attention_2":
         attn_saved += 2 * b * th  # repeat_kv expands k and v to every query head
+    if attn == "eager":
+        attn_saved += 6 * arch.heads * T * T  # materialised scores and softmax (measured 6 bytes each)
     layer = 2 * norm + attn_saved + b * th + 4 * b * ti
     backward = 2 * b * ti + 2 * 4 * th  # gradients of gate/up outputs, fp32 norm gradients
     mask = 3 * T * T if attn == "sdpa" else 0
     saved_per_layer = b * th if checkpointing else layer
     return {"checkpoints": arch.layers * saved_per_layer + 2 * b * th + mask,
-            "layer": (layer if checkpointing else 0) + backward}
+            "layer": (layer if checkpointing else 0) + backward, "layer_saved": layer}
 
 
 def logprob_bytes(arch: Arch, tokens: int, chunk: int, act_bytes: int = 2) -> Dict[str, float]:
@@ -167,9 +171,28 @@ def rollout_bytes(arch: Arch, cfg: DictConfig, st: DictConfig, engines: int, gpu
             "concurrency": min(1.0, capacity / need) if need else 1.0}
 
 
-def _stage_plan(cfg: DictConfig, arch: Arch, gpus: int, gpu_mem_gb: float, nodes: int,
-                stage: str, rollout_gpus: Optional[int]) -> Dict[str, Any]:
+@dataclass(frozen=True)
+class Hardware:
+    """The cluster a plan is for. `rollout_gpus` matters only when SGLang is not colocated."""
+
+    gpus: int
+    gpu_mem_gb: float = 80.0
+    nodes: int = 1
+    cpu_mem_gb: Optional[float] = None  # per node; None: not checked
+    rollout_gpus: Optional[int] = None
+
+    @property
+    def per_node(self) -> int:
+        return self.gpus // self.nodes
+
+    def scaled(self, nodes: int) -> "Hardware":
+        rg = None if self.rollout_gpus is None else self.rollout_gpus * nodes // self.nodes
+        return Hardware(self.per_node * nodes, self.gpu_mem_gb, nodes, self.cpu_mem_gb, rg)
+
+
+def _stage_plan(cfg: DictConfig, arch: Arch, hw: Hardware, stage: str) -> Dict[str, Any]:
     st = cfg.stage[stage]
+    gpus, nodes, gpu_mem_gb, rollout_gpus = hw.gpus, hw.nodes, hw.gpu_mem_gb, hw.rollout_gpus
     fp32 = cfg.model.dtype == "fp32"
     pb = 4 if fp32 else 2
     knobs = _zero_knobs(cfg)
@@ -257,14 +280,16 @@ def sync_plan(tensors, bucket_mb: int) -> Dict[str, Any]:
             "largest_exceeds_bucket": big.nbytes > cap}
 
 
-def _budget(gpu_mem_gb: float) -> float:
-    return round(gpu_mem_gb * (1 - SAFETY_MARGIN), 2)
+def _budget(mem_gb: float) -> float:
+    return round(mem_gb * (1 - SAFETY_MARGIN), 2)
 
 
-def _worst(cfg, arch, gpus, gpu_mem_gb, nodes, stages, rollout_gpus) -> Dict[str, Any]:
-    plans = [_stage_plan(cfg, arch, gpus, gpu_mem_gb, nodes, s, rollout_gpus) for s in stages]
+def _worst(cfg: DictConfig, arch: Arch, hw: Hardware, stages: List[str]) -> Dict[str, Any]:
+    plans = [_stage_plan(cfg, arch, hw, s) for s in stages]
     worst = max(plans, key=lambda p: (p["per_gpu_gb"]["total"], p["per_gpu_gb"]["train_phase"]))
-    worst["fits"] = worst["per_gpu_gb"]["total"] <= _budget(gpu_mem_gb) and all(p["kv_ok"] for p in plans)
+    cpu_ok = hw.cpu_mem_gb is None or worst["cpu_gb_per_node"] <= _budget(hw.cpu_mem_gb)
+    worst["fits"] = (worst["per_gpu_gb"]["total"] <= _budget(hw.gpu_mem_gb) and cpu_ok
+                     and all(p["kv_ok"] for p in plans))
     worst["all_stages"] = plans
     return worst
 
@@ -277,11 +302,11 @@ def _override(cfg: DictConfig, dotted: List[str]) -> DictConfig:
     return c
 
 
-def _suggest(cfg, arch, gpus, gpu_mem_gb, nodes, stages, rollout_gpus, worst) -> List[str]:
+def _suggest(cfg: DictConfig, arch: Arch, hw: Hardware, stages: List[str], worst: Dict[str, Any]) -> List[str]:
     """What to change when the plan does not fit, each change re-planned: config first, then hardware."""
     if worst["fits"]:
         return []
-    gb, gpn = worst["per_gpu_gb"], gpus // nodes
+    gb, gpn = worst["per_gpu_gb"], hw.per_node
     ds, ro, algo = cfg.deepspeed, cfg.rollout, cfg.algorithm
     changes = []
     if not ds.offload_optimizer:
@@ -301,26 +326,28 @@ def _suggest(cfg, arch, gpus, gpu_mem_gb, nodes, stages, rollout_gpus, worst) ->
         changes.append([f"rollout.tp_size={ro.tp_size * 2}"])
     out = []
     for change in changes:
-        p = _worst(_override(cfg, change), arch, gpus, gpu_mem_gb, nodes, stages, rollout_gpus)
-        verdict = "fits" if p["fits"] else "still over"
-        out.append(f"{' '.join(change)}: peak {p['per_gpu_gb']['total']} GB ({verdict})")
-    for n in range(nodes + 1, nodes + 17):
-        rg = None if rollout_gpus is None else rollout_gpus * n // nodes
-        p = _worst(cfg, arch, gpn * n, gpu_mem_gb, n, stages, rg)
+        p = _worst(_override(cfg, change), arch, hw, stages)
+        cpu = f", CPU {p['cpu_gb_per_node']} GB/node" if p["cpu_gb_per_node"] else ""
+        out.append(f"{' '.join(change)}: peak {p['per_gpu_gb']['total']} GB{cpu} "
+                   f"({'fits' if p['fits'] else 'still over'})")
+    for n in range(hw.nodes + 1, hw.nodes + 17):
+        p = _worst(cfg, arch, hw.scaled(n), stages)
         if p["fits"]:
             out.append(f"more GPUs: --gpus {gpn * n} --nodes {n}: peak {p['per_gpu_gb']['total']} GB (fits)")
             break
     else:
-        out.append(f"more GPUs alone do not fit up to {nodes + 16} nodes; combine with the changes above")
+        out.append(f"more GPUs alone do not fit up to {hw.nodes + 16} nodes; combine with the changes above")
     return out
 
 
 def plan(cfg: DictConfig, model_config: Any, gpus: int, gpu_mem_gb: float, nodes: int = 1,
-         stage: Optional[str] = None, rollout_gpus: Optional[int] = None) -> Dict[str, Any]:
-    """The memory plan of `cfg` for the model at `model_config` (a directory, a config json, or a config).
+         stage: Optional[str] = None, *, rollout_gpus: Optional[int] = None,
+         cpu_mem_gb: Optional[float] = None) -> Dict[str, Any]:
+    """The memory plan of `cfg` for the model at `model_config` (a directory, a config json, a config, an Arch).
 
     `stage` None plans every configured stage and reports the worst. `rollout_gpus` (not colocated
-    only; default half) says how many of the `gpus` serve SGLang. Returns a JSON-able dict.
+    only; default half) says how many of the `gpus` serve SGLang; `cpu_mem_gb` per node, when
+    given, must hold the offloaded states. Returns a JSON-able dict.
     """
     if gpus < 1 or nodes < 1 or gpus % nodes:
         raise ValueError(f"--gpus {gpus} must be a positive multiple of --nodes {nodes}")
@@ -330,20 +357,25 @@ def plan(cfg: DictConfig, model_config: Any, gpus: int, gpu_mem_gb: float, nodes
         rollout_gpus = rollout_gpus or gpus // 2
         if not 0 < rollout_gpus < gpus:
             raise ValueError(f"rollout GPUs ({rollout_gpus}) must leave some of the {gpus} GPUs to training")
+    hw = Hardware(gpus, gpu_mem_gb, nodes, cpu_mem_gb, rollout_gpus)
     stages = [str(stage)] if stage is not None else list(cfg.stage)
     for s in stages:
         if s not in cfg.stage:
             raise ValueError(f"stage {s!r} is not configured (stages: {', '.join(cfg.stage)})")
     arch = model_config if isinstance(model_config, Arch) else Arch.from_config(
         model_config, dtype="fp32" if cfg.model.dtype == "fp32" else "bf16")
-    worst = _worst(cfg, arch, gpus, gpu_mem_gb, nodes, stages, rollout_gpus)
-    suggestions = _suggest(cfg, arch, gpus, gpu_mem_gb, nodes, stages, rollout_gpus, worst)
+    worst = _worst(cfg, arch, hw, stages)
+    suggestions = _suggest(cfg, arch, hw, stages, worst)
     all_stages = worst.pop("all_stages")
     return {
         "model": arch.name, "params": arch.params, "largest_module_params": arch.largest_module,
         "gpus": gpus, "nodes": nodes, "gpu_mem_gb": gpu_mem_gb, "budget_gb": _budget(gpu_mem_gb),
-        "safety_margin": SAFETY_MARGIN, "colocate": bool(cfg.rollout.colocate), **worst,
+        "cpu_mem_gb": cpu_mem_gb, "safety_margin": SAFETY_MARGIN, "colocate": bool(cfg.rollout.colocate),
+        **worst,
         "stage_totals_gb": {p["stage"]: p["per_gpu_gb"]["total"] for p in all_stages},
+        "stages": {p["stage"]: {"total_gb": p["per_gpu_gb"]["total"], "train_phase_gb": p["per_gpu_gb"]["train_phase"],
+                                "tokens_per_step_max": p["tokens_per_step_max"],
+                                "tokens_per_step_est": p["tokens_per_step_est"]} for p in all_stages},
         "notes": [n for p in all_stages for n in p["notes"]],
         "suggestions": suggestions,
         "sync": sync_plan(arch.tensors, cfg.rollout.sync_bucket_mb),
@@ -383,8 +415,11 @@ def format_table(result: Dict[str, Any], cfg: DictConfig) -> str:
                   f"{int(result['safety_margin'] * 100)}% safety margin): {verdict}",
               f"train peak = resident + gathered + checkpoints + max(layer recompute, log-prob); "
               f"naive [T, V] log-prob would take {result['logprob_naive_gb']} GB",
-              "per-stage peaks: " + ", ".join(f"{k}: {v} GB" for k, v in result["stage_totals_gb"].items()),
-              f"CPU memory per node for offloaded states: {result['cpu_gb_per_node']} GB",
+              "per stage (peak / train phase / tokens per step, est.): " + "; ".join(
+                  f"{k}: {v['total_gb']} / {v['train_phase_gb']} GB / {v['tokens_per_step_est']:,}"
+                  for k, v in result["stages"].items()),
+              f"CPU memory per node for offloaded states: {result['cpu_gb_per_node']} GB"
+              + (f" (budget {_budget(result['cpu_mem_gb'])} GB)" if result["cpu_mem_gb"] else ""),
               f"tokens per step (stage {result['stage']}): {result['tokens_per_step_max']:,} at full length, "
               f"~{result['tokens_per_step_est']:,} at {MEAN_PROMPT_LEN}-token prompts and "
               f"{int(MEAN_RESPONSE_FRAC * 100)}%-of-cap responses"]
@@ -407,6 +442,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--gpu-mem-gb", type=float, default=80.0)
     ap.add_argument("--stage", help="plan one stage (default: every stage, the worst reported)")
     ap.add_argument("--rollout-gpus", type=int, help="GPUs serving SGLang when not colocated (default: half)")
+    ap.add_argument("--cpu-mem-gb", type=float, help="host memory per node, to check offloaded states against")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. algorithm.micro_batch_tokens=16384")
     args = ap.parse_args(argv)
@@ -415,7 +451,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         model = args.model_path or cfg.model.path
         if not model:
             raise ConfigError("no model: pass --model-path or set model.path in the config")
-        result = plan(cfg, model, args.gpus, args.gpu_mem_gb, args.nodes, args.stage, args.rollout_gpus)
+        result = plan(cfg, model, args.gpus, args.gpu_mem_gb, args.nodes, args.stage,
+                      rollout_gpus=args.rollout_gpus, cpu_mem_gb=args.cpu_mem_gb)
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
