@@ -14,8 +14,10 @@ Colocated, SGLang frees its weights and KV during the update, so the peak is the
 phase; apart, the trainer and SGLang sit on different GPUs and the worse side counts.
 
 Units: "GB" is 2**30 bytes, what nvidia-smi (MiB/1024) and DeepSpeed's estimator print.
-Accuracy: model states follow DeepSpeed's allocation exactly; activations are counted
-tensor by tensor for a Qwen2/Llama decoder under HF gradient checkpointing, about +-20%.
+Accuracy: model states follow DeepSpeed 0.19's allocations (tests hold them against its own
+estimator); activations are counted tensor by tensor for a Qwen2/Llama decoder under HF
+gradient checkpointing (tests hold one layer against what autograd saves); the runtime and
+SGLang overheads are round figures. Treat a plan within 10% of the budget as unproven.
 """
 from __future__ import annotations
 
@@ -203,8 +205,7 @@ def _stage_plan(cfg: DictConfig, arch: Arch, hw: Hardware, stage: str) -> Dict[s
     offload_opt, offload_param = ds.offload_optimizer, ds.offload_param
     if ds.zero_stage != 3:  # stages 1/2 shard only optimizer states (and grads); params stay whole
         offload_param = False
-    world_states = train_gpus
-    ms = model_states(arch.params, arch.largest_module, world_states, param_bytes=pb,
+    ms = model_states(arch.params, arch.largest_module, train_gpus, param_bytes=pb,
                       grad_bytes=knobs["grad_accum_bytes"] or pb, offload_optimizer=offload_opt,
                       offload_param=offload_param, sub_group_size=knobs["sub_group_size"],
                       nodes=max(1, nodes if colocate else math.ceil(nodes * train_gpus / gpus)))
