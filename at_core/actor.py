@@ -15,7 +15,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from at_core.algorithm import policy_loss
-from at_core.packing import Rollout, pack, packed_logprobs, plan_micro_batches
+from at_core.packing import Rollout, pack, plan_micro_batches
 
 
 def _all_reduce(values: List[float], op=dist.ReduceOp.SUM) -> List[float]:
@@ -48,7 +48,7 @@ def compute_logprobs(engine, rollouts: Sequence[Rollout], token_budget: int, tem
         if not group:  # this rank has no data at all this step: still take part in the gathers
             group = [Rollout(prompt_ids=[0], response_ids=[0])]
         batch = pack(group, _device(engine))
-        logp, _ = packed_logprobs(engine.module, batch, temperature, chunk=chunk)
+        logp, _ = engine(batch, temperature, chunk=chunk)
         if idx:
             for k, i in enumerate(idx):
                 out[i] = logp[batch.seq_of_token == k].tolist()
@@ -102,7 +102,7 @@ def backward_mini_batch(engine, local: Sequence[Rollout], algo: DictConfig, temp
         if filler:  # keep ZeRO-3's collectives in step with the other ranks
             group = list(local[:1]) or [Rollout(prompt_ids=[0], response_ids=[0])]
         batch = pack(group, _device(engine))
-        logp, ent = packed_logprobs(engine.module, batch, temperature, with_entropy=True, chunk=algo.logprob_chunk)
+        logp, ent = engine(batch, temperature, with_entropy=True, chunk=algo.logprob_chunk)
         adv = torch.tensor([r.advantage for r in group], dtype=torch.float32, device=logp.device)
         old = logp.detach() if on_policy or filler else torch.tensor(
             [x for r in group for x in r.old_logprobs], dtype=torch.float32, device=logp.device)

@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+from at_core.packing import PackedPolicy
+
 log = logging.getLogger(__name__)
 
 
@@ -132,7 +134,7 @@ def build_actor(model_path: str, cfg: DictConfig):
 
     init_distributed()
     ds_config = deepspeed_config(cfg, trainable=True)
-    model = load_model(model_path, cfg, ds_config)
+    model = PackedPolicy(load_model(model_path, cfg, ds_config))
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
     return engine
 
@@ -143,11 +145,16 @@ def build_reference(model_path: str, cfg: DictConfig):
 
     init_distributed()
     ds_config = deepspeed_config(cfg, trainable=False)
-    model = load_model(model_path, cfg, ds_config)
+    model = PackedPolicy(load_model(model_path, cfg, ds_config))
     model.requires_grad_(False)
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     engine.eval()
     return engine
+
+
+def policy_lm(engine):
+    """The HF model inside an engine (HF parameter names: for export and weight sync)."""
+    return engine.module.lm
 
 
 def set_lr(engine, lr: float) -> None:

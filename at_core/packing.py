@@ -104,3 +104,20 @@ def packed_logprobs(model, batch: PackedBatch, temperature: float = 1.0, with_en
     logp = torch.cat(logps) if logps else hidden.new_zeros(0, dtype=torch.float32)
     ent = (torch.cat(ents) if ents else hidden.new_zeros(0, dtype=torch.float32)) if with_entropy else None
     return logp, ent
+
+
+class PackedPolicy(torch.nn.Module):
+    """Wraps an HF causal LM so that `engine(batch)` returns packed response log-probs.
+
+    Going through the DeepSpeed engine's own forward (rather than calling submodules) is
+    what keeps ZeRO-3's per-micro-batch bookkeeping right: its gradient accumulation counts
+    micro-steps at the start of each engine forward. `self.lm` keeps the HF parameter names
+    for export and weight sync.
+    """
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, batch: PackedBatch, temperature: float = 1.0, with_entropy: bool = False, chunk: int = 4096):
+        return packed_logprobs(self.lm, batch, temperature, with_entropy=with_entropy, chunk=chunk)

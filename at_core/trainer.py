@@ -22,7 +22,7 @@ from at_core.actor import compute_logprobs, update_policy
 from at_core.algorithm import group_advantages
 from at_core.config import save_config, stage_order
 from at_core.data import Problem
-from at_core.engines import build_actor, build_reference, init_distributed, set_lr
+from at_core.engines import build_actor, build_reference, init_distributed, policy_lm, set_lr
 from at_core.export import export_hf
 from at_core.packing import Rollout
 from at_core.prompts import render_prompt
@@ -149,7 +149,7 @@ def rl_step(ctx: Context, stage_name: str) -> Dict[str, float]:
     problems = ctx.stream.take(stage.prompts_per_step)
     prompt_ids = encode_prompts(ctx, problems, stage.prompt_style)
     seed = (ctx.cfg.seed * 1_000_003 + ctx.state.global_step) % 2**31
-    samples = ctx.rollout.generate(prompt_ids, sampling_params(stage, seed), ctx.engine.module)
+    samples = ctx.rollout.generate(prompt_ids, sampling_params(stage, seed), policy_lm(ctx.engine))
     clock["time/rollout"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -165,7 +165,7 @@ def rl_step(ctx: Context, stage_name: str) -> Dict[str, float]:
     clock["time/train"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    ctx.rollout.sync(ctx.engine.module)
+    ctx.rollout.sync(policy_lm(ctx.engine))
     clock["time/sync"] = time.perf_counter() - t
 
     step_time = sum(clock.values())
@@ -199,7 +199,7 @@ def run_stage(ctx: Context, name: str) -> None:
 def finish_stage(ctx: Context, name: str) -> None:
     """Export the stage's policy as an HF directory, run the stage-end hook, checkpoint the boundary."""
     export_dir = ctx.out_dir / "export" / f"stage{name}"
-    export_hf(ctx.engine.module, ctx.tokenizer, export_dir)
+    export_hf(policy_lm(ctx.engine), ctx.tokenizer, export_dir)
     if ctx.on_stage_end is not None:
         ctx.on_stage_end(ctx, name, export_dir)
     order = stage_order(ctx.cfg)
@@ -233,7 +233,7 @@ def setup(cfg: DictConfig, train_problems: List[Problem], model_path: str) -> Co
     stream = PromptStream(train_problems, seed=cfg.seed, shuffle=cfg.data.shuffle, position=state.data_position)
     reward = build_reward(cfg.reward) if rank == 0 else None
     rollout = RolloutWorkers(cfg.rollout, model_path, out_dir, rank)
-    rollout.start(engine.module)  # the server starts from `model_path`; a resumed actor is synced in
+    rollout.start(policy_lm(engine))  # the server starts from `model_path`; a resumed actor is synced in
     return Context(cfg, out_dir, model_path, tokenizer, engine, reference, rollout, reward, recorder, stream,
                    state, rank, world)
 

@@ -10,6 +10,7 @@ special tokens, the chat template ending in `<think>\\n`).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -60,7 +61,10 @@ def build_tokenizer(out_dir: str | Path, corpus: Iterable[str], vocab_size: int 
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(corpus, trainer=trainer)
+    # Train on the text between special tokens: at encode time the special tokens are cut
+    # out before pre-tokenisation, so "</think>\n\n" must teach "\n\n", not ">\n\n".
+    special = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
+    tok.train_from_iterator((piece for text in corpus for piece in special.split(text) if piece), trainer=trainer)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,6 @@ for i in range(8):  # every rollout is 12 tokens, so `budget` decides the micro-
 rank, world = dist.get_rank(), dist.get_world_size()
 mine = rollouts[rank::world]
 stats = backward_mini_batch(engine, mine, cfg.algorithm, temperature=0.7)
-grads = {n: safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()}
+grads = {n: safe_get_full_grad(p).clone() for n, p in engine.module.lm.named_parameters()}
 if rank == 0:
     torch.save({"grads": grads, "micro": len(mine) * 12 // budget}, out)

@@ -1,0 +1,136 @@
+"""The trainer's handle on its rollout servers: start them, generate, sync weights, recover.
+
+Rank 0 owns the servers (the project's own server on loopback, an SGLang launch, or
+already-running URLs) and sends the generation requests; every rank takes part in the
+weight sync because ZeRO-3 gathers are collective. When a server dies mid-run, all ranks
+agree on it, rank 0 restarts the server, everyone re-syncs the current weights, and the
+same request is sent again: the step is neither lost nor repeated.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch.distributed as dist
+from omegaconf import DictConfig
+
+from at_rollout.client import Completion, RolloutClient, RolloutError
+from at_rollout.process import LocalServer, ManagedServer
+from at_rollout.weight_sync import WeightSync
+
+Sample = Completion  # one generated response: output_ids, logprobs, finish_reason
+
+log = logging.getLogger(__name__)
+
+
+def _broadcast(obj: Any) -> Any:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class RolloutWorkers:
+    def __init__(self, rcfg: DictConfig, model_path: str, out_dir: str | Path, rank: int, seed: int = 0):
+        self.cfg = rcfg
+        self.model_path = model_path
+        self.out_dir = Path(out_dir)
+        self.rank = rank
+        self.seed = seed
+        self.servers: List[ManagedServer] = []
+        self.clients: List[RolloutClient] = []
+        self.weight_sync: Optional[WeightSync] = None
+        self.restarts = 0
+
+    # ---------------------------------------------------------------- lifecycle
+    def start(self, module=None) -> None:
+        """Rank 0 launches (or connects to) the servers; then all ranks push the actor's weights."""
+        if self.rank == 0:
+            self._launch()
+        self.weight_sync = WeightSync(
+            self.clients if self.rank == 0 else None,
+            self.cfg.sync_method,
+            self.cfg.sync_bucket_mb,
+            engine_ranks=self.cfg.tp_size,
+            timeout_s=self.cfg.request_timeout_s,
+        )
+        if module is not None:
+            self.sync(module)
+
+    def _launch(self) -> None:
+        kw = dict(timeout_s=self.cfg.request_timeout_s, retries=self.cfg.retries)
+        if self.cfg.urls:
+            self.clients = [RolloutClient(u, api_key=self.cfg.api_key, **kw) for u in self.cfg.urls]
+            for c in self.clients:
+                c.wait_for_health(self.cfg.startup_timeout_s)
+            return
+        log_file = self.out_dir / "rollout_server.log"
+        if self.cfg.backend == "sglang":
+            from at_rollout.sglang import SGLangServer
+
+            server: ManagedServer = SGLangServer(self.cfg, self.model_path, seed=self.seed, log_file=log_file)
+        else:
+            server = LocalServer(self.model_path, host=self.cfg.host, port=self.cfg.port, api_key=self.cfg.api_key,
+                                 log_file=log_file, startup_timeout_s=self.cfg.startup_timeout_s)
+        server.start()
+        self.servers = [server]
+        self.clients = [server.client(**kw)]
+
+    def close(self) -> None:
+        if self.weight_sync is not None:
+            self.weight_sync.close()
+        for s in self.servers:
+            s.stop()
+
+    # ---------------------------------------------------------------- the two operations
+    def sync(self, module) -> None:
+        self.weight_sync.sync(module)
+
+    def generate(self, prompt_ids: Sequence[Sequence[int]], params: Dict[str, Any], module) -> List[List[Sample]]:
+        """n samples per prompt, grouped by prompt; collective (the result reaches every rank)."""
+        for attempt in range(self.cfg.retries + 1):
+            result, error = None, None
+            if self.rank == 0:
+                try:
+                    result = self._generate_on_servers(prompt_ids, params)
+                except RolloutError as err:
+                    error = str(err)
+            error = _broadcast(error)
+            if error is None:
+                return _broadcast(result)
+            if attempt == self.cfg.retries:
+                raise RolloutError(f"rollout failed after {attempt + 1} attempts: {error}")
+            self._recover(module, error)
+        raise AssertionError("unreachable")
+
+    def _generate_on_servers(self, prompt_ids, params) -> List[List[Sample]]:
+        """Split the prompts evenly over the servers, one request each, in parallel."""
+        k = len(self.clients)
+        shards = [list(range(i, len(prompt_ids), k)) for i in range(k)]
+        with ThreadPoolExecutor(max_workers=k) as pool:
+            futures = [
+                pool.submit(c.generate, [prompt_ids[i] for i in idx], {**params, "sampling_seed": params["sampling_seed"] + j})
+                for j, (c, idx) in enumerate(zip(self.clients, shards))
+            ]
+            outs = [f.result() for f in futures]
+        grouped: List[List[Sample]] = [[] for _ in prompt_ids]
+        for idx, out in zip(shards, outs):
+            for s in out:
+                grouped[idx[s.prompt_index]].append(s)
+        return grouped
+
+    def _recover(self, module, error: str) -> None:
+        """A server failed: restart the dead ones (rank 0), then re-sync the weights (all ranks)."""
+        if self.rank == 0:
+            log.warning("rollout failed (%s); restarting the server and re-syncing weights", error)
+            for s in self.servers:
+                if not s.alive():
+                    s.restart()
+            time.sleep(0.5)
+        self.restarts += 1
+        self.weight_sync.reconnect()
+        self.sync(module)

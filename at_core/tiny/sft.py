@@ -1,0 +1,292 @@
+"""Distil the teacher into a tiny R1-style base model: the starting point of AutoThink's RL.
+
+What the base must be, and why the SFT mixture looks the way it does:
+
+- standard prompt (`<think>\\n`): always the think trace, so the standard prompt is the
+  "always think" baseline and thinking is accurate on every tier;
+- ellipsis prompt (`<think>\\n...\\n`): half the targets close the block at once and half
+  think, alternating within every tier, so the base picks a mode at random, independent
+  of difficulty: exactly the R1 behaviour AutoThink starts from;
+- forced no-think prompt (`...\\n</think>\\n\\n`): the bare answer, so the no-think
+  baseline exists and the one-shot answer is trained on every tier (the model learns the
+  easy and medium tables, and fails on hard products it cannot compute in one shot).
+
+Loss on response tokens only. Batches are bucketed by length (think and no-think examples
+differ threefold in length), so padding stays small. Deterministic given the seed.
+
+    python -m at_core.tiny.sft --out runs/tiny_base [--quick] [--eval 300]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+from at_core.data import Problem
+from at_core.prompts import USER_SUFFIX, render_prompt
+from at_core.tiny import teacher
+from at_core.tiny.task import TIERS, generate, generate_all
+
+MARKER = "tiny_world.json"  # written last: its presence means the directory is complete
+# (prompt style, mode) of the SFT examples, cycled within every tier: the ellipsis prompt
+# gets one think and one no-think target per cycle, whatever the difficulty.
+ROLES = (("standard", "think"), ("ellipsis", "think"), ("ellipsis", "no_think"), ("no_think", "no_think"))
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that decides the base model; recorded in the model directory."""
+
+    size: str = "default"
+    vocab_size: int = 512
+    problems_per_tier: int = 7000  # one SFT example each, roles cycled
+    max_batch_tokens: int = 4096  # padded tokens per optimizer step
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 30
+    weight_decay: float = 0.05
+    seed: int = 0
+
+
+QUICK = {"size": "test", "problems_per_tier": 240, "max_batch_tokens": 2048, "lr": 3e-3, "warmup_steps": 5}
+
+
+def response_text(problem: Problem, mode: str, style: str) -> str:
+    if mode == "think":
+        return teacher.think_response(problem)
+    return teacher.forced_no_think_response(problem) if style == "no_think" else teacher.no_think_response(problem)
+
+
+def tokenizer_corpus(problems: list[Problem]) -> list[str]:
+    """Texts that fix the BPE: problems with the user suffix, and both response modes."""
+    texts = [p.problem + USER_SUFFIX for p in problems]
+    texts += [teacher.think_response(p) for p in problems] + [teacher.no_think_response(p) for p in problems]
+    return texts + ["...\n"]
+
+
+def sft_examples(problems: list[Problem], tokenizer) -> list[tuple[list[int], int]]:
+    """(token ids, number of prompt tokens) per example; roles cycled within each tier."""
+    seen = {t: 0 for t in TIERS}
+    prompts, responses = [], []
+    for p in problems:
+        style, mode = ROLES[seen[p.tier] % len(ROLES)]
+        seen[p.tier] += 1
+        prompts.append(render_prompt(tokenizer, p.problem, style))
+        responses.append(response_text(p, mode, style))
+    enc_p = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    enc_r = tokenizer(responses, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    return [(p + r + [eos], len(p)) for p, r in zip(enc_p, enc_r)]
+
+
+def length_batches(examples, max_tokens: int, rng: random.Random) -> list[list[int]]:
+    """Indices grouped into batches of similar length, each at most `max_tokens` padded tokens."""
+    order = sorted(range(len(examples)), key=lambda i: (len(examples[i][0]), rng.random()))
+    batches, cur, longest = [], [], 0
+    for i in order:
+        n = len(examples[i][0])
+        if cur and max(longest, n) * (len(cur) + 1) > max_tokens:
+            batches.append(cur)
+            cur, longest = [], 0
+        cur.append(i)
+        longest = max(longest, n)
+    if cur:
+        batches.append(cur)
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(examples, idx: list[int], pad_id: int):
+    width = max(len(examples[i][0]) for i in idx)
+    ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(idx), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(idx), width), dtype=torch.long)
+    for row, i in enumerate(idx):
+        seq, n_prompt = examples[i]
+        ids[row, : len(seq)] = torch.tensor(seq)
+        labels[row, n_prompt : len(seq)] = torch.tensor(seq[n_prompt:])
+        mask[row, : len(seq)] = 1
+    return ids, labels, mask
+
+
+def _lr_at(step: int, total: int, recipe: Recipe) -> float:
+    if step < recipe.warmup_steps:
+        return recipe.lr * (step + 1) / recipe.warmup_steps
+    progress = (step - recipe.warmup_steps) / max(1, total - recipe.warmup_steps)
+    return recipe.lr * (recipe.min_lr_ratio + (1 - recipe.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(model, examples, recipe: Recipe, pad_id: int, progress: bool = True) -> list[float]:
+    """One pass over `examples`; returns the loss of every step (mean over response tokens)."""
+    rng = random.Random(f"tiny-sft-batches:{recipe.seed}")
+    batches = length_batches(examples, recipe.max_batch_tokens, rng)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=recipe.lr, betas=(0.9, 0.98), eps=1e-8,
+    )
+    model.train()
+    losses = []
+    bar = tqdm(batches, desc="tiny SFT", disable=not progress, mininterval=2.0)
+    for step, idx in enumerate(bar):
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, len(batches), recipe)
+        ids, labels, mask = collate(examples, idx, pad_id)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+    model.eval()
+    return losses
+
+
+def build_base(out_dir: str | Path, size: str = "default", quick: bool = False, seed: int = 0,
+               force: bool = False, progress: bool = True, threads: Optional[int] = None, **overrides) -> Path:
+    """Build the tiny R1-style base model in `out_dir` (an HF directory) and return its path.
+
+    A directory already holding a base built from the same recipe is reused unless `force`.
+    `quick` is a seconds-long build of a small model for tests; `overrides` set `Recipe` fields.
+    """
+    from at_core.tiny.model import save_model, tiny_config
+    from at_core.tiny.tokenizer import build_tokenizer
+    from transformers import AutoTokenizer, Qwen2ForCausalLM
+
+    fields = {"size": size, "seed": seed, **(QUICK if quick else {})}
+    if quick and size != "default":
+        fields["size"] = size
+    unknown = set(overrides) - set(Recipe.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"unknown recipe fields {sorted(unknown)}; valid: {sorted(Recipe.__dataclass_fields__)}")
+    recipe = Recipe(**{**fields, **overrides})
+    out = Path(out_dir)
+    marker = out / MARKER
+    if marker.exists() and not force:
+        if json.loads(marker.read_text()).get("recipe") == asdict(recipe):
+            return out
+    torch.set_num_threads(threads or max(1, os.cpu_count() or 1))
+    started = time.time()
+
+    problems = generate_all(recipe.problems_per_tier, seed=recipe.seed, split="train")
+    out.mkdir(parents=True, exist_ok=True)
+    if marker.exists():
+        marker.unlink()
+    build_tokenizer(out, tokenizer_corpus(problems[:3000]), vocab_size=recipe.vocab_size)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    examples = sft_examples(problems, tokenizer)
+
+    torch.manual_seed(recipe.seed)
+    model = Qwen2ForCausalLM(tiny_config(tokenizer, recipe.size))
+    losses = train(model, examples, recipe, tokenizer.pad_token_id, progress=progress)
+    save_model(model, tokenizer, out)
+    record = {
+        "recipe": asdict(recipe),
+        "examples": len(examples),
+        "tokens": sum(len(e[0]) for e in examples),
+        "steps": len(losses),
+        "loss_first": sum(losses[:10]) / max(1, len(losses[:10])),
+        "loss_last": sum(losses[-10:]) / max(1, len(losses[-10:])),
+        "seconds": round(time.time() - started, 1),
+        "threads": torch.get_num_threads(),
+        "losses": [round(x, 4) for x in losses],
+    }
+    marker.write_text(json.dumps(record, indent=1))
+    return out
+
+
+# ---------------------------------------------------------------- measuring the base
+
+
+def _sample(model, tokenizer, prompts: list[str], temperature: float, top_p: float, max_new_tokens: int,
+            batch_size: int) -> list[list[int]]:
+    """Completions (token ids, EOS included when produced) for every prompt."""
+    tokenizer.padding_side = "left"
+    outs: list[list[int]] = []
+    eos = tokenizer.eos_token_id
+    for start in range(0, len(prompts), batch_size):
+        enc = tokenizer(prompts[start : start + batch_size], add_special_tokens=False, return_tensors="pt", padding=True)
+        kwargs = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
+            "do_sample": False, "temperature": None, "top_p": None}
+        with torch.no_grad():
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=eos,
+                                 pad_token_id=tokenizer.pad_token_id, top_k=None, **kwargs)
+        for row in gen[:, enc["input_ids"].shape[1] :].tolist():
+            outs.append(row[: row.index(eos) + 1] if eos in row else row)
+    return outs
+
+
+def evaluate_base(model_dir: str | Path, n_per_tier: int = 300, style: str = "standard", temperature: float = 0.6,
+                  top_p: float = 1.0, seed: int = 0, max_new_tokens: int = 200, batch_size: int = 150,
+                  split: str = "test") -> dict:
+    """Accuracy, think rate and mean response tokens per tier on held-out problems.
+
+    Grades with `at_reward.math.grade` the text after the prompt's `<think>\\n` (so the
+    forced prompt's `</think>` counts) and tells modes with `at_reward.autothink.detect_mode`.
+    `temperature=0` is greedy decoding.
+    """
+    from at_core.prompts import STYLE_SUFFIX
+    from at_reward.autothink import detect_mode
+    from at_reward.math import grade
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    torch.manual_seed(seed)
+    result = {"style": style, "temperature": temperature, "top_p": top_p, "n_per_tier": n_per_tier}
+    for tier in TIERS:
+        problems = generate(tier, n_per_tier, seed=seed, split=split)
+        prompts = [render_prompt(tokenizer, p.problem, style) for p in problems]
+        outs = _sample(model, tokenizer, prompts, temperature, top_p, max_new_tokens, batch_size)
+        correct = think = 0
+        for p, ids in zip(problems, outs):
+            text = tokenizer.decode([i for i in ids if i != tokenizer.eos_token_id], skip_special_tokens=False)
+            correct += grade(STYLE_SUFFIX[style] + text, p.answer).correct
+            think += style != "no_think" and detect_mode(text) == "think"
+        result[tier] = {
+            "accuracy": correct / len(problems),
+            "think_rate": think / len(problems),
+            "mean_tokens": sum(map(len, outs)) / len(outs),
+        }
+    for key in ("accuracy", "think_rate", "mean_tokens"):
+        result[f"mean_{key}"] = sum(result[t][key] for t in TIERS) / len(TIERS)
+    return result
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Build the tiny R1-style base model (SFT from the teacher).")
+    parser.add_argument("--out", required=True, help="model directory to write")
+    parser.add_argument("--size", default="default")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="a small model in seconds (tests)")
+    parser.add_argument("--force", action="store_true", help="rebuild even if OUT holds this recipe")
+    parser.add_argument("--eval", type=int, default=0, metavar="N", help="then measure on N held-out problems per tier")
+    args = parser.parse_args(argv)
+    out = build_base(args.out, size=args.size, quick=args.quick, seed=args.seed, force=args.force)
+    record = json.loads((out / MARKER).read_text())
+    print(f"built {out}: {record['steps']} steps, {record['tokens']} tokens, {record['seconds']} s, "
+          f"loss {record['loss_first']:.3f} -> {record['loss_last']:.3f}")
+    if args.eval:
+        for style, temperature in (("standard", 0.6), ("standard", 0.0), ("no_think", 0.6), ("no_think", 0.0),
+                                   ("ellipsis", 0.6)):
+            r = evaluate_base(out, args.eval, style, temperature)
+            cells = "  ".join(f"{t}: acc {r[t]['accuracy']:.3f} think {r[t]['think_rate']:.2f} "
+                              f"tok {r[t]['mean_tokens']:.1f}" for t in TIERS)
+            print(f"{style:9s} T={temperature}: {cells}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
