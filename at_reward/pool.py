@@ -127,13 +127,19 @@ def _worker_main(fd: int, memory_limit_mb: int) -> None:
             conn.send(("error", f"result not sendable: {type(err).__name__}"))
 
 
-def _zygote_main(ctrl_fd: int, memory_limit_mb: int, preload: Sequence[str]) -> None:
+def _zygote_main(ctrl_fd: int, memory_limit_mb: int, preload: Sequence[str], grader: Optional[tuple]) -> None:
     """Import and warm up once, then fork a worker per request (see the module note)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _quiet_logs()
     for name in preload:
         importlib.import_module(name)
-    verify_answer("\\frac{1}{2}", ("0.5",))  # compiles math-verify's regexes and grammar
+    if grader is None:
+        verify_answer("\\frac{1}{2}", ("0.5",))  # compiles math-verify's regexes and grammar
+    else:
+        try:  # import the grader's module once here rather than in every worker
+            FnRef(*grader).resolve()
+        except Exception:  # noqa: BLE001 - the worker reports it, with the error, per request
+            pass
     ctrl = socket.socket(fileno=ctrl_fd)
     ctrl.sendall(b"R")
     unreaped: set[int] = set()
@@ -227,6 +233,8 @@ class GradingPool:
     Not thread-safe across calls (calls are serialised by a lock).
     """
 
+    PIPELINE = 2  # requests queued per worker: one running, one waiting
+
     def __init__(
         self,
         workers: int = 2,
@@ -261,9 +269,10 @@ class GradingPool:
     def _start_zygote(self) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         paths = [p for p in sys.path if p] + ([os.getcwd()] if "" in sys.path else [])
+        grader = None if self.grader is None else (self.grader.module, self.grader.qualname, self.grader.file)
         code = (
             f"import sys; sys.path[:0] = {paths!r}; from at_reward.pool import _zygote_main; "
-            f"_zygote_main({child.fileno()}, {int(self.memory_limit_mb)}, {list(self.preload)!r})"
+            f"_zygote_main({child.fileno()}, {int(self.memory_limit_mb)}, {list(self.preload)!r}, {grader!r})"
         )
         self._state.zygote = subprocess.Popen(
             [sys.executable, "-c", code], pass_fds=[child.fileno()], stdin=subprocess.DEVNULL
@@ -317,13 +326,17 @@ class GradingPool:
         while len(self._state.workers) < self.workers:
             self._state.workers.append(self._fork_worker())
 
-    def _retire(self, w: _Worker) -> _Worker:
-        """Kill `w`, let the zygote reap it, and put a fresh worker in its place."""
+    def _discard(self, w: _Worker) -> None:
+        """Kill `w` and let the zygote reap it (until then its pid cannot be reused)."""
         w.kill()
         try:
             self._state.ctrl.send(b"W" + struct.pack("!q", w.pid))
         except (OSError, AttributeError):
             pass
+
+    def _retire(self, w: _Worker) -> _Worker:
+        """Discard `w` and put a fresh worker in its place."""
+        self._discard(w)
         new = self._fork_worker()
         self._state.workers[self._state.workers.index(w)] = new
         return new
@@ -360,50 +373,86 @@ class GradingPool:
             if not self._finalizer.alive:
                 raise GradingError("pool is closed")
             self._ensure_workers()
-            busy: dict[_Worker, tuple[int, float]] = {}
-            while todo or busy:
-                for w in list(self._state.workers):
-                    if w in busy or not todo:
-                        continue
+            queues: dict[_Worker, deque] = {}
+            try:
+                self._dispatch(ref, items, todo, queues, results, latency)
+            finally:
+                # Interrupted (Ctrl-C, an error): a worker with work queued would answer this
+                # batch's items to the next batch's requests, so it goes.
+                for w, queue in queues.items():
+                    if queue and w in self._state.workers:
+                        self._discard(w)
+                        self._state.workers.remove(w)
+        self.stats["graded"] += len(items)
+        self.last_latency_s = latency
+        return results
+
+    def _dispatch(self, ref, items, todo: deque, queues: dict, results: list, latency: list) -> None:
+        """Keep `PIPELINE` requests queued at every worker until `todo` is empty.
+
+        A worker answers its queue in order, so the head item's clock starts when the
+        previous answer arrives (or when it was sent to an idle worker); a worker whose head
+        item passes `timeout_s` is killed and replaced, and the items queued behind it go
+        back to `todo`. Queueing a second request spares the worker a wake-up round trip
+        per item, which is most of the cost of small items on a busy machine.
+        """
+
+        def requeue(queue: deque) -> None:
+            while queue:
+                todo.appendleft(queue.pop()[0])
+
+        while todo or any(queues.values()):
+            for w in list(self._state.workers):
+                queue = queues.setdefault(w, deque())
+                while todo and len(queue) < self.PIPELINE:
                     i = todo.popleft()
                     try:
                         w.conn.send((ref, items[i]))
                     except OSError:  # died while idle: not this item's fault
-                        self.stats["crashes"] += 1
                         todo.appendleft(i)
-                        self._retire(w)
-                        continue
-                    busy[w] = (i, time.monotonic())
-                if not busy:
-                    continue
-                deadline = min(t0 for _, t0 in busy.values()) + self.timeout_s
-                by_conn = {w.conn: w for w in busy}
-                for conn in wait(list(by_conn), timeout=max(0.0, deadline - time.monotonic())):
-                    w = by_conn[conn]
-                    i, t0 = busy.pop(w)
-                    latency[i] = time.monotonic() - t0
-                    try:
-                        status, payload = conn.recv()
-                    except (EOFError, OSError):
+                        requeue(queue)
                         self.stats["crashes"] += 1
+                        del queues[w]
                         self._retire(w)
-                        continue
-                    if status == "ok":
-                        results[i] = payload
-                    elif status == "unresolved":
-                        raise GradingError(f"grader cannot be imported in the worker: {payload}")
-                    else:
-                        self.stats["errors"] += 1
-                now = time.monotonic()
-                for w, (i, t0) in list(busy.items()):
-                    if now - t0 >= self.timeout_s:
-                        del busy[w]
+                        break
+                    queue.append([i, time.monotonic() if not queue else None])
+            active = {w.conn: w for w, queue in queues.items() if queue}
+            if not active:
+                continue
+            deadline = min(q[0][1] for q in queues.values() if q) + self.timeout_s
+            for conn in wait(list(active), timeout=max(0.0, deadline - time.monotonic())):
+                w = active[conn]
+                queue = queues[w]
+                try:
+                    while queue and conn.poll(0):
+                        status, payload = conn.recv()
+                        i, t0 = queue.popleft()
+                        now = time.monotonic()
                         latency[i] = now - t0
-                        self.stats["timeouts"] += 1
-                        self._retire(w)
-        self.stats["graded"] += len(items)
-        self.last_latency_s = latency
-        return results
+                        if queue:
+                            queue[0][1] = now
+                        if status == "ok":
+                            results[i] = payload
+                        elif status == "unresolved":
+                            raise GradingError(f"grader cannot be imported in the worker: {payload}")
+                        else:
+                            self.stats["errors"] += 1
+                except (EOFError, OSError):  # the worker died on its head item
+                    i, t0 = queue.popleft()
+                    latency[i] = time.monotonic() - t0
+                    requeue(queue)
+                    self.stats["crashes"] += 1
+                    del queues[w]
+                    self._retire(w)
+            now = time.monotonic()
+            for w, queue in list(queues.items()):
+                if queue and now - queue[0][1] >= self.timeout_s:
+                    i, t0 = queue.popleft()
+                    latency[i] = now - t0
+                    requeue(queue)
+                    self.stats["timeouts"] += 1
+                    del queues[w]
+                    self._retire(w)
 
     def grade_batch(self, pairs: Sequence[tuple[str, Any]]) -> list[Grade]:
         """Grade `(response, gold)` pairs; the result list matches the input order."""

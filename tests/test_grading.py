@@ -209,6 +209,35 @@ def test_dead_and_hung_workers_are_replaced():
         p.grade_batch([("a", "a")])
 
 
+def slow_grader(response: str, gold) -> Grade:
+    time.sleep(float(response.split()[1]) if response.startswith("sleep") else 0.0)
+    return Grade(correct=response == gold or response.startswith("sleep"), format_ok=True, answer=response)
+
+
+@pytest.mark.timeout(60)
+def test_interrupted_batch_leaves_no_stale_answers():
+    """A batch interrupted in the caller (here by an alarm, as Ctrl-C would) must not let
+    its late answers be read as the next batch's: the busy workers are replaced."""
+
+    class Interrupted(Exception):
+        pass
+
+    def on_alarm(signum, frame):
+        raise Interrupted
+
+    with GradingPool(workers=2, timeout_s=10.0, grader=slow_grader) as p:
+        old = signal.signal(signal.SIGALRM, on_alarm)
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0.5)
+            with pytest.raises(Interrupted):
+                p.grade_batch([("sleep 2", "x")] * 4)  # every answer here would be "correct"
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+        time.sleep(2.0)  # the old workers would have answered by now
+        assert [g.correct for g in p.grade_batch([("a", "b"), ("c", "d"), ("e", "e")])] == [False, False, True]
+
+
 def test_unimportable_grader_is_an_error_not_a_silent_zero():
     def local_grader(response, gold):  # not importable by name in a worker
         return True
