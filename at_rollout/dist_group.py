@@ -22,7 +22,7 @@ import torch.distributed as dist
 def create_group(backend: str, master_address: str, master_port: int, rank: int, world_size: int,
                  group_name: str, timeout_s: float = 300.0):
     """Join (rank 0: host) a process group of `world_size` ranks; returns the group handle."""
-    from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world, rendezvous
+    from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world
 
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend must be gloo or nccl, got {backend!r}")
@@ -31,9 +31,10 @@ def create_group(backend: str, master_address: str, master_port: int, rank: int,
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     timeout = datetime.timedelta(seconds=timeout_s)
-    store, rank, world_size = next(rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size,
-                                              timeout=timeout))
-    store.set_timeout(timeout)
+    # The store SGLang's `rendezvous("tcp://...")` makes, built directly: under torchrun,
+    # rendezvous would join torchelastic's agent store instead of hosting ours on rank 0.
+    store = dist.TCPStore(master_address, int(master_port), world_size, is_master=rank == 0, timeout=timeout,
+                          wait_for_workers=False)
     store = PrefixStore(group_name, store)
     # torch renamed `pg_options` to `backend_options` in 2.6; accept both.
     params = inspect.signature(_new_process_group_helper).parameters

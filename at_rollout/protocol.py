@@ -173,12 +173,12 @@ def field_error(err: ValidationError) -> FieldError:
 
 
 # ---------------------------------------------------------------- tensors on the wire
-def encode_named_tensors(named: Mapping[str, torch.Tensor]) -> str:
-    """base64 of a safetensors blob (CPU, contiguous copies where needed)."""
+def encode_named_tensors(named: Mapping[str, torch.Tensor], as_bytes: bool = False) -> str | bytes:
+    """base64 of a safetensors blob (CPU, contiguous copies where needed); bytes skip a str copy."""
     from safetensors.torch import save
 
-    blob = save({k: v.detach().to("cpu").contiguous() for k, v in named.items()})
-    return base64.b64encode(blob).decode("ascii")
+    blob = base64.b64encode(save({k: v.detach().to("cpu").contiguous() for k, v in named.items()}))
+    return blob if as_bytes else blob.decode("ascii")
 
 
 def decode_named_tensors(data: str | bytes, where: str = "serialized_named_tensors") -> Dict[str, torch.Tensor]:

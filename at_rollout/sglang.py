@@ -1,0 +1,108 @@
+"""Launch real SGLang for production runs, from the `rollout` config section.
+
+    python -m sglang.launch_server --model-path DIR --tp-size N --mem-fraction-static F
+        [--enable-memory-saver] --skip-server-warmup --host H --port P [--api-key K]
+        --random-seed S --dtype bfloat16
+
+Flags and request fields follow SGLang 0.5.x (`python/sglang/srt/server_args.py`,
+`python/sglang/srt/entrypoints/http_server.py`, `python/sglang/srt/managers/io_struct.py`).
+SGLang is never a dependency of the CPU install: this module only builds the command and
+runs it; the client and weight sync are the same code that talks to our own server.
+
+Weight sync with SGLang uses the distributed method: its `/update_weights_from_tensor`
+expects pickled CUDA IPC handles (same host only), which this project never produces.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from .process import ManagedServer
+from .weight_sync import WeightSync
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _get(cfg: Any, key: str, default=None):
+    return cfg.get(key, default) if isinstance(cfg, dict) else getattr(cfg, key, default)
+
+
+def check_rollout_config(rollout: Any) -> None:
+    """What SGLang cannot do with this config, as errors naming the config key."""
+    if _get(rollout, "sync_method", "tensor") != "distributed":
+        raise ValueError("rollout.sync_method must be 'distributed' with rollout.backend=sglang: SGLang's "
+                         "/update_weights_from_tensor takes pickled CUDA IPC handles, which this project never "
+                         f"sends (got {_get(rollout, 'sync_method')!r})")
+    if _get(rollout, "tp_size", 1) < 1:
+        raise ValueError(f"rollout.tp_size must be >= 1, got {_get(rollout, 'tp_size')}")
+    if not 0 < float(_get(rollout, "mem_fraction", 0.6)) < 1:
+        raise ValueError(f"rollout.mem_fraction must be in (0, 1), got {_get(rollout, 'mem_fraction')}")
+    host = _get(rollout, "host", "127.0.0.1")
+    if host not in LOOPBACK and not _get(rollout, "api_key"):
+        raise ValueError(f"rollout.api_key is required when rollout.host is {host!r} (not loopback): anyone who "
+                         "can reach the server could replace the model's weights")
+
+
+def sglang_command(rollout: Any, model_path: str | Path, port: int, *, seed: int = 0, dtype: str = "bfloat16",
+                   dp_size: int = 1, python: str = sys.executable, extra_args: Sequence[str] = ()) -> list[str]:
+    """The `sglang.launch_server` command line for the `rollout` config section."""
+    cmd = [python, "-m", "sglang.launch_server",
+           "--model-path", str(model_path),
+           "--tp-size", str(int(_get(rollout, "tp_size", 1))),
+           "--mem-fraction-static", str(float(_get(rollout, "mem_fraction", 0.6))),
+           "--host", str(_get(rollout, "host", "127.0.0.1")),
+           "--port", str(int(port)),
+           "--random-seed", str(int(seed)),
+           "--dtype", dtype,
+           "--skip-server-warmup"]
+    if dp_size > 1:
+        cmd += ["--dp-size", str(int(dp_size))]
+    if _get(rollout, "colocate", False):
+        cmd.append("--enable-memory-saver")  # needed by /release_memory_occupation
+    if _get(rollout, "api_key"):
+        cmd += ["--api-key", str(_get(rollout, "api_key"))]
+    return cmd + list(extra_args)
+
+
+class SGLangServer(ManagedServer):
+    """An SGLang server process managed like our own (`LocalServer`)."""
+
+    name = "sglang"
+
+    def __init__(self, rollout: Any, model_path: str | Path, *, seed: int = 0, dtype: str = "bfloat16",
+                 dp_size: int = 1, log_file: Optional[str | Path] = None, extra_args: Sequence[str] = (),
+                 env: Optional[dict] = None, python: str = sys.executable):
+        check_rollout_config(rollout)
+        super().__init__(host=_get(rollout, "host", "127.0.0.1"), port=int(_get(rollout, "port", 0)),
+                         api_key=_get(rollout, "api_key"), log_file=log_file,
+                         startup_timeout_s=float(_get(rollout, "startup_timeout_s", 300.0)), env=env)
+        self.rollout = rollout
+        self.model_path = str(model_path)
+        self.seed, self.dtype, self.dp_size = seed, dtype, dp_size
+        self.extra_args = list(extra_args)
+        self.python = python
+
+    def command(self) -> list[str]:
+        return sglang_command(self.rollout, self.model_path, self.port, seed=self.seed, dtype=self.dtype,
+                              dp_size=self.dp_size, python=self.python, extra_args=self.extra_args)
+
+    def client(self, **kwargs):
+        kwargs.setdefault("timeout_s", float(_get(self.rollout, "request_timeout_s", 600.0)))
+        kwargs.setdefault("retries", int(_get(self.rollout, "retries", 3)))
+        return super().client(**kwargs)
+
+    def weight_sync(self, **kwargs) -> WeightSync:
+        """A distributed-method WeightSync for this server (NCCL, world = 1 + tp_size * dp_size)."""
+        kwargs.setdefault("bucket_mb", float(_get(self.rollout, "sync_bucket_mb", 256)))
+        kwargs.setdefault("backend", "nccl")
+        kwargs.setdefault("engine_ranks", int(_get(self.rollout, "tp_size", 1)) * self.dp_size)
+        kwargs.setdefault("timeout_s", float(_get(self.rollout, "request_timeout_s", 600.0)))
+        return WeightSync(self.client(), "distributed", **kwargs)
+
+    def start(self, sync: Optional[WeightSync] = None) -> "SGLangServer":
+        """Spawn, wait for /health, then (given a WeightSync) join its NCCL weight-update group."""
+        super().start()
+        if sync is not None:
+            sync.connect()
+        return self

@@ -1,0 +1,335 @@
+"""Push the trainer's weights into rollout servers after a policy update.
+
+`WeightSync.sync(model)` is called on ALL trainer ranks. Parameters are walked in buckets
+(`bucket_mb`); ZeRO-3 partitioned parameters (`hasattr(p, "ds_id")`) are gathered one
+bucket at a time with `deepspeed.zero.GatheredParameters(..., modifier_rank=None)`, so the
+extra memory is about one bucket. Rank 0 alone talks to the servers:
+
+    pause_generation -> flush_cache -> one update per bucket -> continue_generation
+
+Two transports, the two SGLang offers:
+
+- `tensor`: each bucket is one `/update_weights_from_tensor` request carrying a base64
+  safetensors blob (our server; SGLang's own encoding is pickled CUDA IPC handles). The
+  request for bucket k is in flight while the ranks gather bucket k+1.
+- `distributed`: each bucket is announced with `/update_weights_from_distributed` and its
+  tensors are broadcast from rank 0 over a dedicated weight-update group (gloo on CPU,
+  NCCL on GPU; see `dist_group.py`) that leaves the trainer's default group alone.
+
+After every bucket rank 0 tells the other ranks whether it succeeded (one tiny broadcast on
+the default group), so a server failure raises on every rank instead of leaving ranks 1..N
+waiting in the next gather. After a failure the servers stay paused, holding a mix of old
+and new weights: re-sync (or restart them) before generating again.
+"""
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, Sequence
+from urllib.parse import urlparse
+
+import torch
+import torch.distributed as dist
+
+from .client import RolloutClient, RolloutError
+from .dist_group import create_group, destroy_group, free_port
+from .protocol import dtype_name, encode_named_tensors, parse_dtype
+
+MB = 1 << 20
+
+
+@dataclass
+class SyncStats:
+    seconds: float
+    buckets: int
+    tensors: int
+    bytes: int
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def full_numel(p: torch.Tensor) -> int:
+    return int(p.ds_numel) if hasattr(p, "ds_id") else p.numel()
+
+
+def full_shape(p: torch.Tensor) -> list[int]:
+    return list(p.ds_shape) if hasattr(p, "ds_id") else list(p.shape)
+
+
+def hf_name(name: str) -> str:
+    """Parameter names as the served HF model knows them (a DeepSpeed engine adds `module.`)."""
+    return name[len("module."):] if name.startswith("module.") else name
+
+
+def hf_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The outermost Hugging Face model inside `model` (a DeepSpeed engine, a policy wrapper),
+    whose parameter names are the ones the served model uses; `model` itself if there is none."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return model
+    for _, module in model.named_modules():
+        if isinstance(module, PreTrainedModel):
+            return module
+    return model
+
+
+class WeightSync:
+    """Weight sync from a (ZeRO-3) trainer into rollout servers; build it on every rank.
+
+    `clients` is the server(s) on rank 0 and None on the other ranks. `engine_ranks` is the
+    number of GPUs per server (SGLang's tp_size) for the distributed group's world size.
+    """
+
+    def __init__(self, clients: RolloutClient | Sequence[RolloutClient] | None, method: str = "tensor",
+                 bucket_mb: float = 256, *, backend: Optional[str] = None, master_address: Optional[str] = None,
+                 master_port: int = 0, group_name: str = "weight_update_group", engine_ranks: int = 1,
+                 timeout_s: float = 300.0, dtype: Optional[torch.dtype | str] = None,
+                 name_map: Callable[[str], Optional[str]] = hf_name, pause_mode: Optional[str] = None):
+        if method not in ("tensor", "distributed"):
+            raise ValueError(f"rollout.sync_method must be 'tensor' or 'distributed', got {method!r}")
+        if bucket_mb <= 0:
+            raise ValueError(f"rollout.sync_bucket_mb must be > 0, got {bucket_mb}")
+        self.clients = [] if clients is None else ([clients] if isinstance(clients, RolloutClient) else list(clients))
+        self.method = method
+        self.bucket_bytes = int(bucket_mb * MB)
+        self.backend = backend
+        self.master_address = master_address
+        self.master_port = master_port
+        self.group_name = group_name
+        self.engine_ranks = engine_ranks
+        self.timeout_s = timeout_s
+        self.dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+        self.name_map = name_map
+        self.pause_mode = pause_mode
+        self._group = None
+        if _rank() == 0 and not self.clients:
+            raise ValueError("WeightSync on rank 0 needs the rollout server client(s)")
+
+    # ---------------------------------------------------------------- the distributed group
+    def connect(self) -> None:
+        """Distributed method, rank 0: form the weight-update group with every server."""
+        if self.method != "distributed" or _rank() != 0 or self._group is not None:
+            return
+        backend = self.backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        address = self.master_address or _address_towards(self.clients[0].url)
+        port = self.master_port or free_port(address if address != "0.0.0.0" else "127.0.0.1")
+        world = 1 + self.engine_ranks * len(self.clients)
+        errors: list[BaseException] = []
+
+        def join(client: RolloutClient, offset: int):
+            try:
+                client.init_weights_update_group(address, port, offset, world, self.group_name, backend,
+                                                 timeout_s=self.timeout_s + 30)
+            except BaseException as err:  # reported below, on the caller's thread
+                errors.append(err)
+
+        threads = [threading.Thread(target=join, args=(c, 1 + i * self.engine_ranks), daemon=True)
+                   for i, c in enumerate(self.clients)]
+        for t in threads:
+            t.start()
+        try:
+            group = create_group(backend, address, port, 0, world, self.group_name, self.timeout_s)
+        except Exception as err:
+            for t in threads:
+                t.join(self.timeout_s + 60)
+            raise RolloutError(f"forming weight update group at {address}:{port} ({backend}, world {world}) "
+                               f"failed: {err}; server side: {[str(e) for e in errors] or 'no error'}") from None
+        for t in threads:
+            t.join(self.timeout_s + 60)
+        if errors:
+            destroy_group(group)
+            raise errors[0]
+        self._group = group
+
+    def close(self) -> None:
+        """Rank 0: leave the weight-update group on both ends (servers may already be gone)."""
+        if self._group is None:
+            return
+        for c in self.clients:
+            with contextlib.suppress(RolloutError):
+                c.destroy_weights_update_group(self.group_name)
+        destroy_group(self._group)
+        self._group = None
+
+    def reconnect(self) -> None:
+        """After a server restart: drop the old group and form a new one."""
+        if self._group is not None:
+            destroy_group(self._group)
+            self._group = None
+        self.connect()
+
+    # ---------------------------------------------------------------- sync
+    def sync(self, model: torch.nn.Module, weight_version: Optional[str] = None) -> SyncStats:
+        """Send every parameter of `model` to the servers (collective: call it on all ranks)."""
+        start = time.perf_counter()
+        rank0 = _rank() == 0
+        if rank0 and self.method == "distributed" and self._group is None:
+            self.connect()
+        named = self._named_params(model)
+        failure: Optional[str] = None
+        if rank0:
+            try:
+                for c in self.clients:
+                    c.pause_generation(self.pause_mode)
+                    c.flush_cache()
+            except RolloutError as err:
+                failure = str(err)
+        self._agree(failure)
+        stats = SyncStats(0.0, 0, 0, 0)
+        pending: Optional[Future] = None
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weight-sync") if rank0 else None
+        try:
+            for bucket in self._buckets(named):
+                failure, blob = None, None
+                with _gathered([p for _, p in bucket]), torch.no_grad():
+                    if rank0:
+                        try:
+                            tensors = [(n, self._cast(p.data)) for n, p in bucket]
+                            stats.tensors += len(tensors)
+                            stats.bytes += sum(t.numel() * t.element_size() for _, t in tensors)
+                            if self.method == "tensor":
+                                blob = encode_named_tensors(dict(tensors), as_bytes=True)
+                            else:
+                                self._broadcast_bucket(tensors, weight_version)
+                            del tensors
+                        except Exception as err:
+                            failure = f"{type(err).__name__}: {err}"
+                if rank0 and failure is None and self.method == "tensor":
+                    failure = _result(pending)  # bucket k-1 must have landed before bucket k goes out
+                    pending = pool.submit(self._post_blob, blob, weight_version) if failure is None else None
+                blob = None
+                self._agree(failure)
+                stats.buckets += 1
+            if rank0:
+                failure = _result(pending)
+            self._agree(failure)
+            if rank0:
+                for c in self.clients:
+                    c.continue_generation()
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True)
+        stats.seconds = time.perf_counter() - start
+        return stats
+
+    # ---------------------------------------------------------------- pieces
+    def _named_params(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+        out = []
+        for name, p in hf_module(model).named_parameters():  # tied weights appear once
+            mapped = self.name_map(name)
+            if mapped is not None:
+                out.append((mapped, p))
+        return out
+
+    def _buckets(self, named) -> Iterator[list[tuple[str, torch.nn.Parameter]]]:
+        bucket, size = [], 0
+        for name, p in named:
+            nbytes = full_numel(p) * (self.dtype.itemsize if self.dtype is not None else p.element_size())
+            if bucket and size + nbytes > self.bucket_bytes:
+                yield bucket
+                bucket, size = [], 0
+            bucket.append((name, p))
+            size += nbytes
+        if bucket:
+            yield bucket
+
+    def _cast(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        return t.to(self.dtype) if self.dtype is not None and t.dtype != self.dtype else t
+
+    def _post_blob(self, blob: bytes, weight_version: Optional[str]):
+        for c in self.clients:
+            c.update_weights_from_serialized([blob], flush_cache=False, weight_version=weight_version)
+
+    def _broadcast_bucket(self, tensors, weight_version):
+        names = [n for n, _ in tensors]
+        dtypes = [dtype_name(t.dtype) for _, t in tensors]
+        shapes = [list(t.shape) for _, t in tensors]
+        results: list = [None] * len(self.clients)
+
+        def announce(i: int, c: RolloutClient):
+            try:
+                c.update_weights_from_distributed(names, dtypes, shapes, self.group_name, flush_cache=False,
+                                                  weight_version=weight_version, timeout_s=self.timeout_s + 30)
+            except BaseException as err:
+                results[i] = err
+
+        threads = [threading.Thread(target=announce, args=(i, c), daemon=True) for i, c in enumerate(self.clients)]
+        for t in threads:
+            t.start()
+        try:
+            for _, t in tensors:
+                dist.broadcast(t.contiguous(), src=0, group=self._group)
+        finally:
+            for t in threads:
+                t.join(self.timeout_s + 60)
+        errors = [r for r in results if r is not None]
+        if errors:
+            raise errors[0]
+
+    def _agree(self, failure: Optional[str]) -> None:
+        """Rank 0 tells every rank whether to go on; all ranks raise together."""
+        if _world() > 1:
+            device = torch.device("cpu")
+            if "nccl" in str(dist.get_backend()) and torch.cuda.is_available():
+                device = torch.device("cuda", torch.cuda.current_device())
+            flag = torch.tensor([0 if failure is None else 1], device=device)
+            dist.broadcast(flag, src=0)
+            if int(flag.item()) and failure is None:
+                failure = "weight sync failed on rank 0 (see its log)"
+        if failure is not None:
+            raise RolloutError(f"weight sync failed: {failure}. The rollout servers are left paused with partly "
+                               "updated weights; sync again (or restart them) before generating.")
+
+
+def _result(fut: Optional[Future]) -> Optional[str]:
+    if fut is None:
+        return None
+    try:
+        fut.result()
+        return None
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"
+
+
+@contextlib.contextmanager
+def _gathered(params):
+    zero = [p for p in params if hasattr(p, "ds_id")]
+    if not zero:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(zero, modifier_rank=None):
+        yield
+
+
+def _address_towards(url: str) -> str:
+    """The local address the server can reach us at (loopback for a local server)."""
+    host = urlparse(url).hostname or "127.0.0.1"
+    if host in ("127.0.0.1", "localhost", "::1"):
+        return "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.connect((host, 9))  # no packet is sent; this only picks the outgoing interface
+        return sock.getsockname()[0]
+
+
+def sync_weights(model: torch.nn.Module, client: Optional[RolloutClient], method: str = "tensor",
+                 bucket_mb: float = 256, **kwargs) -> SyncStats:
+    """One-shot convenience: build a WeightSync, sync, and (distributed) leave the group."""
+    ws = WeightSync(client, method, bucket_mb, **kwargs)
+    try:
+        return ws.sync(model)
+    finally:
+        ws.close()
