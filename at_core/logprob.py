@@ -143,8 +143,10 @@ def _cpu_tag() -> str:
     return hashlib.sha1(flags.encode()).hexdigest()[:10]
 
 
-CPU_CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
-CUDA_CFLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
+CPU_CFLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
+if platform.machine().lower() in ("x86_64", "amd64"):
+    CPU_CFLAGS.append("-mprefer-vector-width=512")  # AVX-512 where the CPU has it
+CUDA_CFLAGS = ["-O3"]  # torch adds -std=c++20 and the arch of the visible GPUs
 
 
 def _build(kind: str) -> Kernels:
@@ -165,9 +167,10 @@ def _build(kind: str) -> Kernels:
             raise RuntimeError("the CUDA kernel needs a CUDA build of torch and a GPU")
         cpp_extension.load(
             name="at_logprob_cuda",
-            sources=[str(CSRC / "logprob_cuda.cu")],
+            sources=[str(CSRC / "logprob_cuda_ops.cpp"), str(CSRC / "logprob_cuda.cu")],
             extra_cflags=["-O3"],
             extra_cuda_cflags=CUDA_CFLAGS,
+            extra_include_paths=[str(CSRC)],
             is_python_module=False,
             verbose=verbose,
         )
