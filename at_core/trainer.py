@@ -170,7 +170,15 @@ def rl_step(ctx: Context, stage_name: str) -> Dict[str, float]:
 
     step_time = sum(clock.values())
     generated = sum(scored["lengths"])
-    return {**batch_metrics(scored), **stats, **clock, "tokens_per_s": generated / max(step_time, 1e-9)}
+    return {**batch_metrics(scored), **stats, **clock, "tokens_per_s": generated / max(step_time, 1e-9),
+            "batch_digest": batch_digest(problems)}
+
+
+def batch_digest(problems: List[Problem]) -> str:
+    """A short fingerprint of the step's prompts: lets a resumed run prove it saw the same data."""
+    import hashlib
+
+    return hashlib.sha1("\x1f".join(p.problem for p in problems).encode()).hexdigest()[:12]
 
 
 # ---------------------------------------------------------------- the run
