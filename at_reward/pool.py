@@ -97,9 +97,15 @@ def _worker_main(fd: int, memory_limit_mb: int) -> None:
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the zygote
     except (OSError, AttributeError):
         pass
-    if memory_limit_mb > 0:
+    if memory_limit_mb > 0:  # runaway sympy arithmetic fails with MemoryError, not the OOM killer
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
         limit = memory_limit_mb << 20
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        if hard != resource.RLIM_INFINITY:
+            limit = min(limit, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+        except (ValueError, OSError):
+            pass
     conn = Connection(fd)
     cache: dict[FnRef, Callable] = {}
     while True:
