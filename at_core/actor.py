@@ -56,16 +56,22 @@ def compute_logprobs(engine, rollouts: Sequence[Rollout], token_budget: int, tem
 
 
 def update_policy(engine, rollouts: Sequence[Rollout], algo: DictConfig, temperature: float,
-                  ref_logprobs: Optional[List[List[float]]] = None) -> Dict[str, float]:
-    """One RL step's policy update over this rank's rollouts (ppo_epochs x mini_batches steps)."""
+                  ref_logprobs: Optional[List[List[float]]] = None, n_mini: int = 1) -> Dict[str, float]:
+    """One RL step's policy update over this rank's rollouts: ppo_epochs x n_mini optimizer steps.
+
+    Mini-batches are contiguous slices of the rollouts (which arrive grouped by prompt), so
+    a prompt's group stays in one mini-batch whenever the slices allow it.
+    """
     stats: Dict[str, float] = defaultdict(float)
-    n_mini = max(1, algo.mini_batches)
+    n_mini = max(1, min(n_mini, len(rollouts)) if rollouts else n_mini)
+    n_mini = int(_all_reduce([n_mini], dist.ReduceOp.MIN)[0])  # every rank steps the optimizer as often
     on_policy = algo.ppo_epochs * n_mini == 1
     if not on_policy:
         olds = compute_logprobs(engine, rollouts, algo.micro_batch_tokens, temperature, algo.logprob_chunk)
         for r, lp in zip(rollouts, olds):
             r.old_logprobs = lp
-    minis = [list(range(len(rollouts)))[m::n_mini] for m in range(n_mini)]
+    bounds = [round(m * len(rollouts) / n_mini) for m in range(n_mini + 1)]
+    minis = [list(range(bounds[m], bounds[m + 1])) for m in range(n_mini)]
     steps = 0
     for _ in range(algo.ppo_epochs):
         for mini in minis:

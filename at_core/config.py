@@ -93,7 +93,7 @@ class AlgorithmConfig:
     kl_estimator: str = "low_var_kl"  # k1 | k3 | low_var_kl
     entropy_coef: float = 0.001
     ppo_epochs: int = 1
-    mini_batches: int = 1  # optimizer steps per RL step
+    mini_batch_prompts: Optional[int] = None  # prompts per optimizer step; None: one step per RL step
     micro_batch_tokens: int = 32768  # token budget of one packed micro-batch
     logprob_chunk: int = 4096  # rows per chunk in the fused log-prob pass
 
@@ -104,6 +104,16 @@ class DeepSpeedConfig:
     offload_optimizer: bool = False
     offload_param: bool = False
     extra: Dict[str, Any] = field(default_factory=dict)  # merged into the DeepSpeed config as is
+
+
+@dataclass
+class ClusterConfig:
+    """The hardware a recipe is planned for (read by the planner and `--dry-run`, not by launchers)."""
+
+    nodes: int = 1
+    gpus_per_node: int = 8
+    gpu_mem_gb: float = 80.0
+    cpu_mem_gb: Optional[float] = None  # per node; None: not checked
 
 
 @dataclass
@@ -141,6 +151,7 @@ class RunConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     stage: Dict[str, StageConfig] = field(default_factory=_paper_stages)
     start_stage: int = 1
     out_dir: str = "runs/autothink"

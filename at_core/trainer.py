@@ -161,7 +161,9 @@ def rl_step(ctx: Context, stage_name: str) -> Dict[str, float]:
     ref = None
     if ctx.reference is not None:
         ref = compute_logprobs(ctx.reference, rollouts, ctx.cfg.algorithm.micro_batch_tokens, stage.temperature)
-    stats = update_policy(ctx.engine, rollouts, ctx.cfg.algorithm, stage.temperature, ref)
+    mbp = ctx.cfg.algorithm.mini_batch_prompts
+    n_mini = -(-stage.prompts_per_step // mbp) if mbp else 1
+    stats = update_policy(ctx.engine, rollouts, ctx.cfg.algorithm, stage.temperature, ref, n_mini)
     clock["time/train"] = time.perf_counter() - t
 
     t = time.perf_counter()
