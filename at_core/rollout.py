@@ -133,4 +133,5 @@ class RolloutWorkers:
             time.sleep(0.5)
         self.restarts += 1
         self.weight_sync.reconnect()
-        self.sync(module)
+        if module is not None:  # None: serving the directory's own weights (evaluation)
+            self.sync(module)
