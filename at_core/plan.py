@@ -183,6 +183,24 @@ class Hardware:
     cpu_mem_gb: Optional[float] = None  # per node; None: not checked
     rollout_gpus: Optional[int] = None
 
+    @classmethod
+    def from_cluster(cls, cluster: Any, *, gpus: Optional[int] = None, nodes: Optional[int] = None,
+                     gpu_mem_gb: Optional[float] = None, cpu_mem_gb: Optional[float] = None,
+                     rollout_gpus: Optional[int] = None) -> "Hardware":
+        """The config's `cluster:` section, any field replaced by an explicit value.
+
+        Only `gpus` given: the section's `gpus_per_node` decides the node count (one node
+        when `gpus` is not a whole number of nodes).
+        """
+        gpn = int(cluster.gpus_per_node)
+        if gpus is None:
+            nodes = int(cluster.nodes) if nodes is None else nodes
+            gpus = nodes * gpn
+        elif nodes is None:
+            nodes = gpus // gpn if gpus >= gpn and gpus % gpn == 0 else 1
+        return cls(gpus, float(cluster.gpu_mem_gb if gpu_mem_gb is None else gpu_mem_gb), nodes,
+                   cluster.cpu_mem_gb if cpu_mem_gb is None else cpu_mem_gb, rollout_gpus)
+
     @property
     def per_node(self) -> int:
         return self.gpus // self.nodes
@@ -438,12 +456,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--config", action="append", default=[], help="run config YAML (repeatable, merged in order)")
     ap.add_argument("--model-path", help="model directory (only config.json is read) or a config json; "
                                          "default: the config's model.path")
-    ap.add_argument("--gpus", type=int, required=True, help="GPUs in total")
-    ap.add_argument("--nodes", type=int, default=1)
-    ap.add_argument("--gpu-mem-gb", type=float, default=80.0)
+    ap.add_argument("--gpus", type=int, help="GPUs in total (default: cluster.nodes x cluster.gpus_per_node)")
+    ap.add_argument("--nodes", type=int, help="default: cluster.nodes (or --gpus / cluster.gpus_per_node)")
+    ap.add_argument("--gpu-mem-gb", type=float, help="default: cluster.gpu_mem_gb")
     ap.add_argument("--stage", help="plan one stage (default: every stage, the worst reported)")
     ap.add_argument("--rollout-gpus", type=int, help="GPUs serving SGLang when not colocated (default: half)")
-    ap.add_argument("--cpu-mem-gb", type=float, help="host memory per node, to check offloaded states against")
+    ap.add_argument("--cpu-mem-gb", type=float, help="host memory per node, to check offloaded states against "
+                                                     "(default: cluster.cpu_mem_gb)")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. algorithm.micro_batch_tokens=16384")
     args = ap.parse_args(argv)
@@ -452,8 +471,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         model = args.model_path or cfg.model.path
         if not model:
             raise ConfigError("no model: pass --model-path or set model.path in the config")
-        result = plan(cfg, model, args.gpus, args.gpu_mem_gb, args.nodes, args.stage,
-                      rollout_gpus=args.rollout_gpus, cpu_mem_gb=args.cpu_mem_gb)
+        hw = Hardware.from_cluster(cfg.cluster, gpus=args.gpus, nodes=args.nodes, gpu_mem_gb=args.gpu_mem_gb,
+                                   cpu_mem_gb=args.cpu_mem_gb)
+        result = plan(cfg, model, hw.gpus, hw.gpu_mem_gb, hw.nodes, args.stage,
+                      rollout_gpus=args.rollout_gpus, cpu_mem_gb=hw.cpu_mem_gb)
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
