@@ -13,6 +13,7 @@ import math
 import re
 import threading
 from decimal import Decimal, InvalidOperation
+from fractions import Fraction
 from functools import lru_cache
 from typing import Any, Optional, Sequence
 
@@ -26,6 +27,7 @@ MAX_ANSWER_CHARS = 2000
 DEFAULT_VERIFY_TIMEOUT_S = 2  # math-verify's alarm, whole seconds, per parse / comparison
 
 _INT = re.compile(r"[+-]?\d+")
+_FRAC = re.compile(r"([+-]?)\\[dt]?frac\{([+-]?\d+)\}\{(\d+)\}|([+-]?\d+)\s*/\s*(\d+)")
 _DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)")
 _BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 
@@ -106,11 +108,26 @@ def _plain(s: str) -> str:
     return s
 
 
+def _rational(s: str) -> Optional[Fraction]:
+    """An integer or a fraction of integers (`-3`, `\\frac{7}{2}`, `7/2`), else None."""
+    if _INT.fullmatch(s):
+        return Fraction(int(s))
+    m = _FRAC.fullmatch(s)
+    if m is None:
+        return None
+    sign, num, den = (m.group(1), m.group(2), m.group(3)) if m.group(2) else ("", m.group(4), m.group(5))
+    if int(den) == 0:
+        return None
+    value = Fraction(int(num), int(den))
+    return -value if sign == "-" else value
+
+
 def quick_match(answer: str, golds: Sequence[str]) -> Optional[bool]:
     """Decide the easy cases without math-verify; None means "ask math-verify".
 
-    True for the same text or the same decimal number; False when both sides are
-    integers that differ, or when the answer is too long to be parsed safely.
+    True for the same text or the same decimal number. When the answer and every gold
+    are integers or fractions of integers, exact comparison decides (math-verify compares
+    such values exactly too). False when the answer is too long to be parsed safely.
     """
     a = _plain(answer)
     plain = [_plain(g) for g in golds]
@@ -124,8 +141,11 @@ def quick_match(answer: str, golds: Sequence[str]) -> Optional[bool]:
                         return True
                 except InvalidOperation:
                     pass
-        if _INT.fullmatch(a) and all(_INT.fullmatch(g) for g in plain):
-            return False
+    ra = _rational(a)
+    if ra is not None:
+        rg = [_rational(g) for g in plain]
+        if all(r is not None for r in rg):
+            return ra in rg
     if len(answer) > MAX_ANSWER_CHARS:
         return False
     return None

@@ -25,7 +25,10 @@ from typing import Any, Callable, Optional, Sequence
 from at_reward.autothink import base_reward, degeneration_penalty, detect_mode, shape_rewards
 from at_reward.grade import Grade
 
-__all__ = ["Grade", "RewardOutput", "Reward", "MathReward", "register_reward", "build_reward", "registered_rewards"]
+__all__ = [
+    "Grade", "RewardOutput", "Reward", "PooledReward", "MathReward",
+    "register_reward", "build_reward", "registered_rewards", "import_reward_module",
+]  # fmt: skip
 
 
 @dataclass

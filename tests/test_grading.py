@@ -10,7 +10,7 @@ import pytest
 
 from at_core.data import PAPER_BENCHMARKS, load_benchmark
 from at_reward.grade import Grade
-from at_reward.math import extract_answer, extract_boxed, gold_alternatives, grade
+from at_reward.math import extract_answer, extract_boxed, gold_alternatives, grade, quick_match
 from at_reward.pool import GradingError, GradingPool
 
 TIMEOUT_S = 2.0  # the pool's per-item limit in these tests (the default is 5 s)
@@ -87,6 +87,19 @@ def test_grade_gold_types_and_equivalent_forms():
     assert not grade(boxed("143"), 142.0).correct
     g = grade(boxed("\\frac{3}{4}"), "\\frac34")
     assert g == Grade(correct=True, format_ok=True, answer="\\frac{3}{4}")
+
+
+def test_quick_match_decides_only_what_math_verify_would():
+    assert quick_match("25", ("025",)) is True
+    assert quick_match("$12$", ("12",)) is True
+    assert quick_match("\\frac{14}{2}", ("7",)) is True  # integers and integer fractions: exact
+    assert quick_match("-\\dfrac{1}{2}", ("-1/2",)) is True
+    assert quick_match("7/3", ("\\frac{7}{2}",)) is False
+    assert quick_match("3", ("4",)) is False
+    assert quick_match("3", ("4", "x")) is None  # a non-numeric alternative: math-verify decides
+    assert quick_match("0.333333", ("\\frac{1}{3}",)) is None  # math-verify rounds floats: its call
+    assert quick_match("1/0", ("1",)) is None
+    assert quick_match("1+" * 1500, ("7",)) is False  # past MAX_ANSWER_CHARS only exact text counts
 
 
 # ----------------------------------------------------------------------------- acceptance
