@@ -172,7 +172,9 @@ def load_problems(
                 )
             answer = extract(answer)
             if answer is None:
-                raise DataError(f"{path}: {where}: answer_extract={answer_extract!r} found no answer in field {answer_key!r}")
+                raise DataError(
+                    f"{path}: {where}: answer_extract={answer_extract!r} found no answer in field {answer_key!r}"
+                )
         problem = _check_answer(answer)
         if problem is not None:
             raise DataError(f"{path}: {where}: field {answer_key!r} {problem}")

@@ -20,7 +20,6 @@ from typing import Any, Optional, Sequence
 from at_reward.grade import FORMAT_ERROR, Grade
 
 THINK_END = "</think>"
-BOX_COMMANDS = ("\\boxed", "\\fbox")
 # No benchmark gold is longer than 230 characters; a longer answer only counts when it
 # matches a gold exactly, which keeps 50,000-character junk away from the LaTeX parser.
 MAX_ANSWER_CHARS = 2000
@@ -133,6 +132,8 @@ def quick_match(answer: str, golds: Sequence[str]) -> Optional[bool]:
     plain = [_plain(g) for g in golds]
     if a in plain:
         return True
+    if len(answer) > MAX_ANSWER_CHARS:
+        return False
     if _DECIMAL.fullmatch(a):
         for g in plain:
             if _DECIMAL.fullmatch(g):
@@ -146,8 +147,6 @@ def quick_match(answer: str, golds: Sequence[str]) -> Optional[bool]:
         rg = [_rational(g) for g in plain]
         if all(r is not None for r in rg):
             return ra in rg
-    if len(answer) > MAX_ANSWER_CHARS:
-        return False
     return None
 
 

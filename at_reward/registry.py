@@ -72,7 +72,9 @@ class Reward:
             raise ValueError(f"reward: {len(responses)} responses but {len(golds)} golds")
         grades = self.grade_batch(list(responses), list(golds))
         if len(grades) != len(responses):
-            raise RuntimeError(f"{type(self).__name__}.grade_batch returned {len(grades)} grades for {len(responses)} responses")
+            raise RuntimeError(
+                f"{type(self).__name__}.grade_batch returned {len(grades)} grades for {len(responses)} responses"
+            )
         think = [detect_mode(r) == "think" for r in responses]
         correct = [bool(g.correct and g.format_ok) for g in grades]
         format_ok = [bool(g.format_ok) for g in grades]

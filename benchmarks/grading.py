@@ -125,7 +125,10 @@ def main() -> None:
 
     print(f"\nGradingPool: {args.workers} workers, {args.timeout:.1f} s limit per response; "
           f"start to first verdict {start_s:.2f} s; stats {pool.stats}")  # fmt: skip
-    head = f"{'workload':<12} {'n':>5} {'correct':>7} | {'pool resp/s':>11} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} | {'in-proc resp/s':>14} {'p50 ms':>8} {'p99 ms':>8} | {'speedup':>7}"  # noqa: E501
+    head = (
+        f"{'workload':<12} {'n':>5} {'correct':>7} | {'pool resp/s':>11} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'max ms':>8} | {'in-proc resp/s':>14} {'p50 ms':>8} {'p99 ms':>8} | {'speedup':>7}"
+    )
     print(head)
     print("-" * len(head))
     for name, n, ok, p_wall, p_lat, b_wall, b_lat in rows:

@@ -100,6 +100,7 @@ def test_quick_match_decides_only_what_math_verify_would():
     assert quick_match("0.333333", ("\\frac{1}{3}",)) is None  # math-verify rounds floats: its call
     assert quick_match("1/0", ("1",)) is None
     assert quick_match("1+" * 1500, ("7",)) is False  # past MAX_ANSWER_CHARS only exact text counts
+    assert quick_match("9" * 10000, ("7",)) is False  # (and no 10,000-digit int() is attempted)
 
 
 # ----------------------------------------------------------------------------- acceptance
