@@ -26,6 +26,7 @@ from at_reward.autothink import detect_mode
 
 Generate = Callable[[List[List[int]], Dict[str, Any]], List[List[Any]]]  # prompts -> samples per prompt
 # What the forced no-think prompt already wrote after `<think>\n`: graded as part of the answer.
+TIER_ORDER = ("easy", "medium", "hard")
 STYLE_PREFIX = {"standard": "", "ellipsis": "", "no_think": "</think>\n\n"}
 
 
@@ -93,7 +94,8 @@ def summarize(problems: Sequence[Problem], samples: Sequence[Sequence[Any]], tok
     for r in per_problem:
         groups[r["group"]].append(r)
     result = mean_of(per_problem)
-    result["tiers" if group_by == "tier" else "benchmarks"] = {g: mean_of(rows) for g, rows in sorted(groups.items())}
+    order = sorted(groups, key=lambda g: (TIER_ORDER.index(g) if g in TIER_ORDER else len(TIER_ORDER), g))
+    result["tiers" if group_by == "tier" else "benchmarks"] = {g: mean_of(groups[g]) for g in order}
     if group_by != "tier":  # the paper averages benchmarks, not problems
         result.update({key: sum(v[key] for v in result["benchmarks"].values()) / max(len(groups), 1)
                        for key in ("accuracy", "pass_at_k", "mean_tokens", "think_rate")})
@@ -107,7 +109,7 @@ def results_markdown(rows: List[Dict[str, Any]], group_key: str = "tiers", basel
                      target: Optional[str] = "stage3") -> str:
     """A Table-1-shaped table: accuracy and tokens per group and overall, one row per model/prompt."""
     groups = sorted({g for r in rows for g in r.get(group_key, {})},
-                    key=lambda g: ("easy", "medium", "hard").index(g) if g in ("easy", "medium", "hard") else 9)
+                    key=lambda g: (TIER_ORDER.index(g) if g in TIER_ORDER else len(TIER_ORDER), g))
     head = ["model / prompt"] + [f"{g} acc / tok" for g in groups] + ["overall acc", "tokens", "think rate"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
