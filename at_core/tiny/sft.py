@@ -179,7 +179,7 @@ def build_base(out_dir: str | Path, size: str = "default", quick: bool = False, 
         if json.loads(marker.read_text()).get("recipe") == asdict(recipe):
             return out
     torch.set_num_threads(threads or max(1, os.cpu_count() or 1))
-    started = time.time()
+    started, cpu_started = time.time(), time.process_time()
 
     problems = generate_all(recipe.problems_per_tier, seed=recipe.seed, split="train")
     out.mkdir(parents=True, exist_ok=True)
@@ -201,6 +201,7 @@ def build_base(out_dir: str | Path, size: str = "default", quick: bool = False, 
         "loss_first": sum(losses[:10]) / max(1, len(losses[:10])),
         "loss_last": sum(losses[-10:]) / max(1, len(losses[-10:])),
         "seconds": round(time.time() - started, 1),
+        "cpu_seconds": round(time.process_time() - cpu_started, 1),
         "threads": torch.get_num_threads(),
         "losses": [round(x, 4) for x in losses],
     }
@@ -229,6 +230,29 @@ def _sample(model, tokenizer, prompts: list[str], temperature: float, top_p: flo
     return outs
 
 
+def _summary(rows: list[tuple[bool, bool, int]]) -> dict:
+    n = max(1, len(rows))
+    return {
+        "count": len(rows),
+        "accuracy": sum(r[1] for r in rows) / n,
+        "think_rate": sum(r[0] for r in rows) / n,
+        "mean_tokens": sum(r[2] for r in rows) / n,
+    }
+
+
+def adaptive_projection(standard: dict, ellipsis: dict, think_tiers=("hard",)) -> dict:
+    """What a policy that thinks exactly on `think_tiers` would score, from the base's
+    ellipsis-prompt behaviour in each mode, relative to the standard prompt: the target
+    AutoThink's RL should approach (accuracy gap and token ratio)."""
+    acc = tok = 0.0
+    for tier in TIERS:
+        mode = ellipsis[tier]["by_mode"]["think" if tier in think_tiers else "no_think"]
+        acc += mode["accuracy"] / len(TIERS)
+        tok += mode["mean_tokens"] / len(TIERS)
+    return {"accuracy": acc, "mean_tokens": tok, "accuracy_minus_standard": acc - standard["mean_accuracy"],
+            "token_ratio": tok / standard["mean_tokens"]}
+
+
 def evaluate_base(model_dir: str | Path, n_per_tier: int = 300, style: str = "standard", temperature: float = 0.6,
                   top_p: float = 1.0, seed: int = 0, max_new_tokens: int = 200, batch_size: int = 150,
                   split: str = "test") -> dict:
@@ -251,15 +275,14 @@ def evaluate_base(model_dir: str | Path, n_per_tier: int = 300, style: str = "st
         problems = generate(tier, n_per_tier, seed=seed, split=split)
         prompts = [render_prompt(tokenizer, p.problem, style) for p in problems]
         outs = _sample(model, tokenizer, prompts, temperature, top_p, max_new_tokens, batch_size)
-        correct = think = 0
+        rows = []  # (think, correct, tokens)
         for p, ids in zip(problems, outs):
             text = tokenizer.decode([i for i in ids if i != tokenizer.eos_token_id], skip_special_tokens=False)
-            correct += grade(STYLE_SUFFIX[style] + text, p.answer).correct
-            think += style != "no_think" and detect_mode(text) == "think"
-        result[tier] = {
-            "accuracy": correct / len(problems),
-            "think_rate": think / len(problems),
-            "mean_tokens": sum(map(len, outs)) / len(outs),
+            think = style != "no_think" and detect_mode(text) == "think"
+            rows.append((think, grade(STYLE_SUFFIX[style] + text, p.answer).correct, len(ids)))
+        result[tier] = _summary(rows)
+        result[tier]["by_mode"] = {
+            mode: _summary([r for r in rows if r[0] == (mode == "think")]) for mode in ("think", "no_think")
         }
     for key in ("accuracy", "think_rate", "mean_tokens"):
         result[f"mean_{key}"] = sum(result[t][key] for t in TIERS) / len(TIERS)
@@ -273,19 +296,30 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a small model in seconds (tests)")
     parser.add_argument("--force", action="store_true", help="rebuild even if OUT holds this recipe")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--eval", type=int, default=0, metavar="N", help="then measure on N held-out problems per tier")
     args = parser.parse_args(argv)
-    out = build_base(args.out, size=args.size, quick=args.quick, seed=args.seed, force=args.force)
+    out = build_base(args.out, size=args.size, quick=args.quick, seed=args.seed, force=args.force,
+                     threads=args.threads)
     record = json.loads((out / MARKER).read_text())
     print(f"built {out}: {record['steps']} steps, {record['tokens']} tokens, {record['seconds']} s, "
-          f"loss {record['loss_first']:.3f} -> {record['loss_last']:.3f}")
+          f"{record['cpu_seconds']} cpu-s, loss {record['loss_first']:.3f} -> {record['loss_last']:.3f}")
     if args.eval:
-        for style, temperature in (("standard", 0.6), ("standard", 0.0), ("no_think", 0.6), ("no_think", 0.0),
-                                   ("ellipsis", 0.6)):
-            r = evaluate_base(out, args.eval, style, temperature)
+        results = {}
+        for style, temperature in (("standard", 0.6), ("no_think", 0.6), ("ellipsis", 0.6), ("standard", 0.0),
+                                   ("no_think", 0.0)):
+            r = results[style, temperature] = evaluate_base(out, args.eval, style, temperature)
             cells = "  ".join(f"{t}: acc {r[t]['accuracy']:.3f} think {r[t]['think_rate']:.2f} "
                               f"tok {r[t]['mean_tokens']:.1f}" for t in TIERS)
             print(f"{style:9s} T={temperature}: {cells}", flush=True)
+            if style == "ellipsis":
+                for mode in ("think", "no_think"):
+                    print(f"  ellipsis, {mode:8s}: " + "  ".join(
+                        f"{t}: acc {r[t]['by_mode'][mode]['accuracy']:.3f} n {r[t]['by_mode'][mode]['count']} "
+                        f"tok {r[t]['by_mode'][mode]['mean_tokens']:.1f}" for t in TIERS))
+                proj = adaptive_projection(results["standard", 0.6], r)
+                print(f"  think-on-hard-only projection: accuracy {proj['accuracy']:.3f} "
+                      f"({proj['accuracy_minus_standard']:+.3f} vs standard), token ratio {proj['token_ratio']:.2f}")
 
 
 if __name__ == "__main__":
