@@ -167,6 +167,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t row = blockIdx.x;
   const store_t* xr = x + row * ld;
   const acc_t temp = static_cast<acc_t>(temperature);
+  const bool unit = temperature == 1.0;  // x / 1 == x: skip the IEEE division (uniform branch)
   LseState<acc_t> st{-INFINITY, 0, 0};
   int64_t done = 0;
   if (kVec) {
@@ -178,13 +179,13 @@ __global__ void __launch_bounds__(kThreads)
       const P p = xp[i];
       acc_t z[N];
 #pragma unroll
-      for (int k = 0; k < N; ++k) z[k] = T::load(p.v[k]) / temp;
+      for (int k = 0; k < N; ++k) z[k] = unit ? T::load(p.v[k]) : T::load(p.v[k]) / temp;
       accumulate<acc_t, kEnt, N>(st, z);
     }
     done = n_vec * N;
   }
   for (int64_t i = done + threadIdx.x; i < V; i += kThreads) {
-    const acc_t z[1] = {T::load(xr[i]) / temp};
+    const acc_t z[1] = {unit ? T::load(xr[i]) : T::load(xr[i]) / temp};
     accumulate<acc_t, kEnt, 1>(st, z);
   }
   st = block_reduce<acc_t, kEnt>(st);
@@ -228,6 +229,7 @@ __global__ void __launch_bounds__(kThreads)
   store_t* gr = gx + row * gld;
   const acc_t temp = static_cast<acc_t>(temperature);
   const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
+  const bool unit = temperature == 1.0;
   const int64_t target = targets[row];
   const acc_t l = lse[row], g_lp = grad_lp[row];
   const acc_t h = kEnt ? ent[row] : acc_t(0), g_h = kEnt ? grad_ent[row] : acc_t(0);
@@ -244,16 +246,16 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int k = 0; k < N; ++k) {
         const int64_t v = i * N + k;
-        o.v[k] = T::store(grad_logit<acc_t, kEnt>(T::load(p.v[k]) / temp, v == target, l, h,
-                                                  g_lp, g_h, inv_t));
+        const acc_t z = unit ? T::load(p.v[k]) : T::load(p.v[k]) / temp;
+        o.v[k] = T::store(grad_logit<acc_t, kEnt>(z, v == target, l, h, g_lp, g_h, inv_t));
       }
       gp[i] = o;
     }
     done = n_vec * N;
   }
   for (int64_t v = done + threadIdx.x; v < V; v += kThreads) {
-    gr[v] = T::store(
-        grad_logit<acc_t, kEnt>(T::load(xr[v]) / temp, v == target, l, h, g_lp, g_h, inv_t));
+    const acc_t z = unit ? T::load(xr[v]) : T::load(xr[v]) / temp;
+    gr[v] = T::store(grad_logit<acc_t, kEnt>(z, v == target, l, h, g_lp, g_h, inv_t));
   }
 }
 
