@@ -3,9 +3,9 @@
 Model output is untrusted input to a LaTeX parser and a computer-algebra system:
 `\\boxed{9^{9^{9^{9}}}}` can run for ever inside one C call, deep nesting can exhaust the
 stack, and math-verify's own timeouts (`signal.alarm`, main thread only, raising a
-`BaseException`) do not cover either. So grading runs in worker processes, one item in
-flight per worker with a wall-clock deadline; a worker that misses it is SIGKILLed and
-replaced, a worker that dies is replaced, and the item scores as incorrect.
+`BaseException`) do not cover either. So grading runs in worker processes
+(`at_reward.zygote`), each item under a wall-clock deadline; a worker that misses it is
+SIGKILLed and replaced, a worker that dies is replaced, and the item scores as incorrect.
 
 Why not `multiprocessing.Pool` / `ProcessPoolExecutor`: a hung task holds its slot for
 ever and a dead worker breaks the executor. Why not multiprocessing's forkserver: every
@@ -17,13 +17,7 @@ is ever forked.
 """
 from __future__ import annotations
 
-import ctypes
-import importlib
-import importlib.util
-import logging
 import os
-import pickle
-import resource
 import select
 import signal
 import socket
@@ -34,152 +28,16 @@ import threading
 import time
 import weakref
 from collections import deque
-from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, Optional, Sequence
 
 from at_reward.grade import Grade
 from at_reward.math import extract_answer, gold_alternatives, quick_match, verify_answer
+from at_reward.zygote import FnRef
 
 
 class GradingError(RuntimeError):
     """The pool itself cannot work (grader not importable, zygote will not start)."""
-
-
-@dataclass(frozen=True)
-class FnRef:
-    """A module-level function named so a worker can import it: by module, else by file."""
-
-    module: str
-    qualname: str
-    file: Optional[str] = None
-
-    @classmethod
-    def of(cls, fn: Callable) -> "FnRef":
-        if "<locals>" in fn.__qualname__ or fn.__qualname__ == "<lambda>":
-            raise GradingError(f"grader {fn.__qualname__} must be a module-level function")
-        mod = sys.modules.get(fn.__module__)
-        return cls(fn.__module__, fn.__qualname__, getattr(mod, "__file__", None))
-
-    def resolve(self) -> Callable:
-        mod = sys.modules.get(self.module) if self.module != "__main__" else None
-        if mod is None:
-            try:
-                if self.module == "__main__":
-                    raise ImportError("__main__ of the parent is not importable by name")
-                mod = importlib.import_module(self.module)
-            except ImportError:
-                if not self.file:
-                    raise
-                name = "_at_reward_main" if self.module == "__main__" else self.module
-                spec = importlib.util.spec_from_file_location(name, self.file)
-                mod = importlib.util.module_from_spec(spec)
-                sys.modules[name] = mod
-                spec.loader.exec_module(mod)
-        obj: Any = mod
-        for part in self.qualname.split("."):
-            obj = getattr(obj, part)
-        return obj
-
-
-# ----------------------------------------------------------------------------- children
-
-
-def _quiet_logs() -> None:
-    # math-verify logs the whole input on every timeout: 50 kB of junk per bad answer.
-    for name in ("math_verify", "latex2sympy2_extended"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
-def _worker_main(fd: int, memory_limit_mb: int) -> None:
-    """Serve (FnRef, args) requests on `fd` until EOF; every outcome is a reply."""
-    try:
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the zygote
-    except (OSError, AttributeError):
-        pass
-    if memory_limit_mb > 0:  # runaway sympy arithmetic fails with MemoryError, not the OOM killer
-        _, hard = resource.getrlimit(resource.RLIMIT_AS)
-        limit = memory_limit_mb << 20
-        if hard != resource.RLIM_INFINITY:
-            limit = min(limit, hard)
-        try:
-            resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
-        except (ValueError, OSError):
-            pass
-    conn = Connection(fd)
-    cache: dict[FnRef, Callable] = {}
-    while True:
-        try:
-            raw = conn.recv_bytes()
-        except (EOFError, OSError):
-            return
-        try:
-            ref, args = pickle.loads(raw)
-        except BaseException as err:  # noqa: BLE001 - any failure is a reply, never a death
-            conn.send(("error", f"bad request: {type(err).__name__}"))
-            continue
-        try:
-            fn = cache.get(ref) or cache.setdefault(ref, ref.resolve())
-        except BaseException as err:  # noqa: BLE001
-            conn.send(("unresolved", f"{ref.module}.{ref.qualname}: {type(err).__name__}: {err}"[:500]))
-            continue
-        try:
-            reply = ("ok", fn(*args))
-        except BaseException as err:  # noqa: BLE001 - includes math-verify's TimeoutException
-            reply = ("error", f"{type(err).__name__}: {err}"[:300])
-        try:
-            conn.send(reply)
-        except Exception as err:  # noqa: BLE001 - e.g. an unpicklable result
-            conn.send(("error", f"result not sendable: {type(err).__name__}"))
-
-
-def _zygote_main(ctrl_fd: int, memory_limit_mb: int, preload: Sequence[str], grader: Optional[tuple]) -> None:
-    """Import and warm up once, then fork a worker per request (see the module note)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _quiet_logs()
-    for name in preload:
-        importlib.import_module(name)
-    if grader is None:
-        verify_answer("\\frac{1}{2}", ("0.5",))  # compiles math-verify's regexes and grammar
-    else:
-        try:  # import the grader's module once here rather than in every worker
-            FnRef(*grader).resolve()
-        except Exception:  # noqa: BLE001 - the worker reports it, with the error, per request
-            pass
-    ctrl = socket.socket(fileno=ctrl_fd)
-    ctrl.sendall(b"R")
-    unreaped: set[int] = set()
-    while True:
-        try:
-            msg, fds, _, _ = socket.recv_fds(ctrl, 64, 1)
-        except (OSError, ValueError):
-            break
-        if not msg:
-            for fd in fds:
-                os.close(fd)
-            break
-        if msg[:1] == b"F" and fds:
-            pid = os.fork()
-            if pid == 0:
-                ctrl.close()
-                try:
-                    _worker_main(fds[0], memory_limit_mb)
-                finally:
-                    os._exit(0)
-            os.close(fds[0])
-            ctrl.sendall(struct.pack("!q", pid))
-        elif msg[:1] == b"W":
-            unreaped.add(struct.unpack("!q", msg[1:9])[0])
-        for pid in list(unreaped):  # reap only what the parent has finished with
-            try:
-                if os.waitpid(pid, os.WNOHANG)[0]:
-                    unreaped.discard(pid)
-            except ChildProcessError:
-                unreaped.discard(pid)
-    os._exit(0)  # workers die with us (PR_SET_PDEATHSIG)
-
-
-# ----------------------------------------------------------------------------- parent
 
 
 class _Worker:
@@ -229,6 +87,58 @@ class _State:
             self.zygote = None
 
 
+class _Todo:
+    """Items waiting for a worker, grouped by key so that the items of one key go to one
+    worker where possible: math-verify's parse of a gold is cached per worker, and a
+    training batch has 8 rollouts per gold. A worker takes (1) an item of a key it owns,
+    else (2) the first item of a key nobody owns (and owns it), else (3) any item."""
+
+    def __init__(self, n: int, keys: Optional[Sequence] = None):
+        self.keys = keys
+        self.by_key: dict[Any, deque] = {}
+        for i in range(n):
+            self.by_key.setdefault(self._key(i), deque()).append(i)
+        self.unowned = deque(self.by_key)
+        self.owned: dict[int, deque] = {}
+        self.count = n
+
+    def _key(self, i: int) -> Any:
+        return self.keys[i] if self.keys is not None else i
+
+    def __bool__(self) -> bool:
+        return self.count > 0
+
+    def _pop(self, key: Any) -> int:
+        queue = self.by_key[key]
+        i = queue.popleft()
+        if not queue:
+            del self.by_key[key]
+        self.count -= 1
+        return i
+
+    def take(self, slot: int) -> int:
+        mine = self.owned.setdefault(slot, deque())
+        while mine:
+            if mine[0] in self.by_key:
+                return self._pop(mine[0])
+            mine.popleft()
+        while self.unowned:
+            key = self.unowned.popleft()
+            if key in self.by_key:
+                mine.append(key)
+                return self._pop(key)
+        return self._pop(next(iter(self.by_key)))
+
+    def put_back(self, i: int) -> None:
+        key = self._key(i)
+        if key not in self.by_key:
+            self.by_key[key] = deque()
+            if not any(key in keys for keys in self.owned.values()):
+                self.unowned.appendleft(key)
+        self.by_key[key].appendleft(i)
+        self.count += 1
+
+
 class GradingPool:
     """Grade (response, gold) pairs in parallel, order preserved, each under `timeout_s`.
 
@@ -256,7 +166,10 @@ class GradingPool:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.workers, self.timeout_s = int(workers), float(timeout_s)
-        self.grader = FnRef.of(grader) if grader is not None else None
+        try:
+            self.grader = FnRef.of(grader) if grader is not None else None
+        except ValueError as err:
+            raise GradingError(str(err)) from None
         self.memory_limit_mb, self.startup_timeout_s = memory_limit_mb, startup_timeout_s
         self.preload = tuple(preload)
         self.stats = {"graded": 0, "timeouts": 0, "crashes": 0, "errors": 0, "restarts": 0}
@@ -277,8 +190,8 @@ class GradingPool:
         paths = [p for p in sys.path if p] + ([os.getcwd()] if "" in sys.path else [])
         grader = None if self.grader is None else (self.grader.module, self.grader.qualname, self.grader.file)
         code = (
-            f"import sys; sys.path[:0] = {paths!r}; from at_reward.pool import _zygote_main; "
-            f"_zygote_main({child.fileno()}, {int(self.memory_limit_mb)}, {list(self.preload)!r}, {grader!r})"
+            f"import sys; sys.path[:0] = {paths!r}; from at_reward.zygote import zygote_main; "
+            f"zygote_main({child.fileno()}, {int(self.memory_limit_mb)}, {list(self.preload)!r}, {grader!r})"
         )
         self._state.zygote = subprocess.Popen(
             [sys.executable, "-c", code], pass_fds=[child.fileno()], stdin=subprocess.DEVNULL
@@ -369,12 +282,16 @@ class GradingPool:
 
     def map(self, fn: Callable, items: Sequence[tuple], fallback: Any) -> list:
         """`[fn(*args) for args in items]` in the workers; `fallback` where an item failed."""
-        return self._run(FnRef.of(fn), items, fallback)
+        try:
+            ref = FnRef.of(fn)
+        except ValueError as err:
+            raise GradingError(str(err)) from None
+        return self._run(ref, items, fallback)
 
-    def _run(self, ref: FnRef, items: Sequence[tuple], fallback: Any) -> list:
+    def _run(self, ref: FnRef, items: Sequence[tuple], fallback: Any, keys: Optional[Sequence] = None) -> list:
         results = [fallback] * len(items)
         latency = [0.0] * len(items)
-        todo = deque(range(len(items)))
+        todo = _Todo(len(items), keys)
         with self._lock:
             if not self._finalizer.alive:
                 raise GradingError("pool is closed")
@@ -393,7 +310,7 @@ class GradingPool:
         self.last_latency_s = latency
         return results
 
-    def _dispatch(self, ref, items, todo: deque, queues: dict, results: list, latency: list) -> None:
+    def _dispatch(self, ref, items, todo: _Todo, queues: dict, results: list, latency: list) -> None:
         """Keep `PIPELINE` requests queued at every worker until `todo` is empty.
 
         A worker answers its queue in order, so the head item's clock starts when the
@@ -405,17 +322,17 @@ class GradingPool:
 
         def requeue(queue: deque) -> None:
             while queue:
-                todo.appendleft(queue.pop()[0])
+                todo.put_back(queue.pop()[0])
 
         while todo or any(queues.values()):
-            for w in list(self._state.workers):
+            for slot, w in enumerate(list(self._state.workers)):
                 queue = queues.setdefault(w, deque())
                 while todo and len(queue) < self.PIPELINE:
-                    i = todo.popleft()
+                    i = todo.take(slot)
                     try:
                         w.conn.send((ref, items[i]))
                     except OSError:  # died while idle: not this item's fault
-                        todo.appendleft(i)
+                        todo.put_back(i)
                         requeue(queue)
                         self.stats["crashes"] += 1
                         del queues[w]
@@ -479,7 +396,7 @@ class GradingPool:
                 continue
             jobs.append((answer, golds, self._alarm_s))
             where.append(i)
-        verdicts = self._run(self._verify_ref, jobs, False) if jobs else []
+        verdicts = self._run(self._verify_ref, jobs, False, keys=[j[1] for j in jobs]) if jobs else []
         job_latency = self.last_latency_s if jobs else []
         latency = [0.0] * len(pairs)
         for k, i in enumerate(where):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import random
 import sys
 import time
@@ -80,20 +81,36 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-def run_pool(pool: GradingPool, pairs) -> tuple[float, list[float], int]:
+def _cpu_s(pid: int) -> float:
+    """User+system CPU seconds of a live process (Linux /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0  # replaced mid-run: its CPU time is not counted
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_pool(pool: GradingPool, pairs) -> tuple[float, float, list[float], int]:
+    """(wall s, CPU s of the parent and the workers, per-item latencies, correct count)."""
+    pids = pool.worker_pids()
+    cpu0 = time.process_time() + sum(_cpu_s(p) for p in pids)
     t0 = time.perf_counter()
     grades = pool.grade_batch(pairs)
-    return time.perf_counter() - t0, list(pool.last_latency_s), sum(g.correct for g in grades)
+    wall = time.perf_counter() - t0
+    pids = set(pids) | set(pool.worker_pids())
+    cpu = time.process_time() + sum(_cpu_s(p) for p in pids) - cpu0
+    return wall, cpu, list(pool.last_latency_s), sum(g.correct for g in grades)
 
 
-def run_inprocess(pairs) -> tuple[float, list[float], int]:
+def run_inprocess(pairs) -> tuple[float, float, list[float], int]:
     lat, correct = [], 0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for response, gold in pairs:
         t = time.perf_counter()
         correct += grade(response, gold).correct
         lat.append(time.perf_counter() - t)
-    return time.perf_counter() - t0, lat, correct
+    return time.perf_counter() - t0, time.process_time() - c0, lat, correct
 
 
 def main() -> None:
@@ -114,39 +131,47 @@ def main() -> None:
 
     rows = []
     for name, pairs in work.items():
-        p_wall, p_lat, p_ok = run_pool(pool, pairs)
-        if name == "adversarial":
-            b_wall, b_lat, b_ok = None, None, None
-        else:
-            b_wall, b_lat, b_ok = run_inprocess(pairs)
-            assert b_ok == p_ok, f"{name}: pool and in-process disagree ({p_ok} vs {b_ok} correct)"
-        rows.append((name, len(pairs), p_ok, p_wall, p_lat, b_wall, b_lat))
+        pool_run = run_pool(pool, pairs)
+        base_run = None
+        if name != "adversarial":
+            base_run = run_inprocess(pairs)
+            assert base_run[3] == pool_run[3], f"{name}: pool and in-process disagree ({pool_run[3]} vs {base_run[3]})"
+        rows.append((name, len(pairs), pool_run, base_run))
     pool.close()
 
     print(f"\nGradingPool: {args.workers} workers, {args.timeout:.1f} s limit per response; "
           f"start to first verdict {start_s:.2f} s; stats {pool.stats}")  # fmt: skip
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end (others' work counts)")
+    cores = min(args.workers, os.cpu_count() or 1)
     head = (
-        f"{'workload':<12} {'n':>5} {'correct':>7} | {'pool resp/s':>11} {'p50 ms':>8} {'p99 ms':>8} "
-        f"{'max ms':>8} | {'in-proc resp/s':>14} {'p50 ms':>8} {'p99 ms':>8} | {'speedup':>7}"
+        f"{'workload':<12} {'n':>5} {'ok':>5} | {'pool resp/s':>11} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} "
+        f"{'cpu ms/r':>8} {'idle est':>8} | {'in-proc resp/s':>14} {'p50 ms':>7} {'p99 ms':>7} {'cpu ms/r':>8} "
+        f"{'idle est':>8} | {'wall x':>6} {'est x':>6}"
     )
     print(head)
     print("-" * len(head))
-    for name, n, ok, p_wall, p_lat, b_wall, b_lat in rows:
+    for name, n, (p_wall, p_cpu, p_lat, ok), base in rows:
+        p_est = cores * n / max(p_cpu, 1e-9)
         line = (
-            f"{name:<12} {n:>5} {ok:>7} | {n / p_wall:>11.0f} {pct(p_lat, .5) * 1e3:>8.2f} "
-            f"{pct(p_lat, .99) * 1e3:>8.1f} {max(p_lat) * 1e3:>8.1f} | "
+            f"{name:<12} {n:>5} {ok:>5} | {n / p_wall:>11.0f} {pct(p_lat, .5) * 1e3:>7.2f} "
+            f"{pct(p_lat, .99) * 1e3:>7.1f} {max(p_lat) * 1e3:>7.1f} {p_cpu / n * 1e3:>8.2f} {p_est:>8.0f} | "
         )
-        if b_wall is None:
-            line += f"{'unbounded':>14} {'-':>8} {'-':>8} | {'-':>7}"
+        if base is None:
+            line += f"{'unbounded':>14} {'-':>7} {'-':>7} {'-':>8} {'-':>8} | {'-':>6} {'-':>6}"
         else:
+            b_wall, b_cpu, b_lat, _ = base
+            b_est = n / max(b_cpu, 1e-9)
             line += (
-                f"{n / b_wall:>14.0f} {pct(b_lat, .5) * 1e3:>8.2f} {pct(b_lat, .99) * 1e3:>8.1f} | "
-                f"{b_wall / p_wall:>6.2f}x"
+                f"{n / b_wall:>14.0f} {pct(b_lat, .5) * 1e3:>7.2f} {pct(b_lat, .99) * 1e3:>7.1f} "
+                f"{b_cpu / n * 1e3:>8.2f} {b_est:>8.0f} | {b_wall / p_wall:>5.2f}x {p_est / b_est:>5.2f}x"
             )
         print(line)
-    worst = max(max(r[4]) for r in rows)
-    print(f"\nworst pool latency {worst:.2f} s (limit {args.timeout:.1f} s); "
-          f"{'within' if worst < args.timeout + 0.5 else 'OVER'} the limit")  # fmt: skip
+    worst = max(max(r[2][2]) for r in rows)
+    print(f"\nworst pool latency {worst:.2f} s (limit {args.timeout:.1f} s): "
+          f"{'within' if worst < args.timeout + 0.5 else 'OVER'} the limit.")  # fmt: skip
+    print("'wall x': in-process wall time / pool wall time, as measured (other work on the machine included).")
+    print(f"'idle est': responses/s on idle cores from CPU time: pool {cores} x n / (parent+worker CPU s), "
+          "in-process n / CPU s (one core); 'est x' is their ratio.")  # fmt: skip
 
 
 if __name__ == "__main__":
