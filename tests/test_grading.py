@@ -281,3 +281,25 @@ def _alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_items_of_one_gold_go_to_one_worker():
+    """The pool's work queue hands a worker the items of golds it already parsed."""
+    from at_reward.pool import _Todo
+
+    keys = ["g0"] * 4 + ["g1"] * 4 + ["g2"] * 2
+    todo = _Todo(len(keys), keys)
+    taken = {0: [], 1: []}
+    slot = 0
+    while todo:
+        taken[slot].append(todo.take(slot))
+        slot = 1 - slot  # the two workers ask in turn
+    assert sorted(taken[0] + taken[1]) == list(range(10))
+    owners = {k: {s for s in taken for i in taken[s] if keys[i] == k} for k in set(keys)}
+    # g0 and g1 each stay with one worker; the last key is shared once both run dry.
+    assert owners["g0"] == {0} and owners["g1"] == {1}
+    # Requeued items (a worker killed mid-queue) come back first, in order.
+    todo = _Todo(3, ["a", "a", "b"])
+    first = todo.take(0)
+    todo.put_back(first)
+    assert [todo.take(0), todo.take(0), todo.take(0)] == [0, 1, 2]
