@@ -105,16 +105,17 @@ def test_dry_run_plans_every_stage_and_renders_the_gpu_launch(name, tmp_path):
 
 @needs_models
 @pytest.mark.timeout(180)
-def test_dry_run_on_a_cluster_too_small_fails_with_advice_and_external_servers(tmp_path):
+def test_dry_run_on_a_cluster_too_small_fails_with_advice_and_external_servers(capsys):
     overrides = ["cluster.nodes=1", "cluster.gpu_mem_gb=40", "deepspeed.offload_optimizer=false",
                  "rollout.urls=[http://h1:30000,http://h2:30000]", "rollout.api_key=k"]
-    out = _script("r1_32b", "--dry-run", "--model-path", str(MODELS / "r1-distill-qwen-32b.json"), *overrides)
-    assert out.returncode == 1, out.stderr[-3000:]
-    assert "1 node(s) x 8 GPUs x 40 GB = 8 GPUs" in out.stdout and "DOES NOT FIT" in out.stdout
-    assert "suggest: " in out.stdout
+    rc = main(ROOT / "examples/configs/r1_32b.yaml",
+              ["--dry-run", "--model-path", str(MODELS / "r1-distill-qwen-32b.json"), *overrides])
+    out = capsys.readouterr().out
+    assert rc == 1, out
+    assert "1 node(s) x 8 GPUs x 40 GB = 8 GPUs" in out and "DOES NOT FIT" in out and "suggest: " in out
     tp = _recipe("r1_32b").rollout.tp_size
     assert f"2 external server(s) http://h1:30000, http://h2:30000 (tp {tp} each; weight-sync group of {1 + 2 * tp}" \
-        in out.stdout
+        in out
 
 
 @pytest.mark.timeout(60)
@@ -166,3 +167,16 @@ def test_gpu_step_benchmark_prints_the_prediction_and_refuses_cpu():
     want = plan(cfg, Arch.from_config(MODELS / "r1-distill-qwen-1.5b.json"), 1, 80.0, 1, "1")
     # the planner's prediction is shown anyway (less its allowance for an idle colocated SGLang)
     assert f"train phase {want['per_gpu_gb']['train_phase'] - SGLANG_RELEASED_GIB:.2f} GB" in out.stdout
+
+
+def test_hostfile_and_deepspeed_env_examples_parse_as_deepspeed_reads_them():
+    from deepspeed.launcher.runner import _parse_hostfile
+
+    hosts = _parse_hostfile((ROOT / "examples" / "hostfile.example").read_text().splitlines())
+    cfg = _recipe("r1_7b")
+    assert len(hosts) == cfg.cluster.nodes and set(hosts.values()) == {cfg.cluster.gpus_per_node}
+    # DeepSpeed splits every line of .deepspeed_env on its first '=': no comments, no blank lines
+    lines = (ROOT / "examples" / ".deepspeed_env.example").read_text().splitlines()
+    pairs = dict(line.split("=", 1) for line in lines)
+    assert len(pairs) == len(lines) and all(k and k == k.strip() and not k.startswith("#") for k in pairs)
+    assert pairs["DS_ACCELERATOR"] == "cuda" and "PYTHONPATH" in pairs
