@@ -68,6 +68,13 @@ class Reward:
         length_alpha: float = 0.0,
         length_beta: float = 0.0,
     ) -> RewardOutput:
+        """Grade, score and shape one training batch.
+
+        `responses` are the texts generated after the prompt (a no-think response starts
+        with `</think>`), `golds` the stored answers, `groups` a prompt id per response
+        (length shaping is per group), `lengths` response token counts. The keyword
+        arguments are the stage's shaping (`at_reward.autothink.shape_rewards`).
+        """
         if len(golds) != len(responses):
             raise ValueError(f"reward: {len(responses)} responses but {len(golds)} golds")
         grades = self.grade_batch(list(responses), list(golds))
