@@ -136,7 +136,7 @@ def describe(cfg: DictConfig, config_yaml: Path) -> str:
               f"  cluster    {cl.nodes} nodes x {cl.gpus_per_node} GPUs x {cl.gpu_mem_gb:g} GB = "
               f"{cl.nodes * cl.gpus_per_node} GPUs" + (f", {cl.cpu_mem_gb:g} GB host memory per node"
                                                         if cl.cpu_mem_gb else ""),
-              f"  run        {cfg.out_dir} (checkpoint every {cfg.save_every} steps, resume {cfg.resume})",
+              f"  run        {cfg.out_dir} (checkpoint every {cfg.save_every} steps, resume {cfg.resume or 'off'})",
               "", f"--dry-run plans this on the cluster; override any of it as key.sub=value (cluster.nodes=8)."]
     return "\n".join(lines)
 
@@ -215,7 +215,10 @@ def dry_run(cfg: DictConfig, config_yaml: Path, *, as_json: bool = False) -> int
         world = worst["train_gpus"]
         ds_conf = gpu_deepspeed_config(cfg, world)
         sglang = sglang_commands(cfg, worst["engines"], hw.nodes)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except FileNotFoundError as err:
+        print(f"error: {err} (pass --model-path DIR, or the config json itself)", file=sys.stderr)
+        return 2
+    except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     fits = all(p["fits"] for p in plans.values())
