@@ -19,7 +19,7 @@ from .generator import Generator, Sample, SamplingParams
 log = logging.getLogger("at_rollout.scheduler")
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity (kept in a set)
 class Job:
     prompts: list[list[int]]
     params: list[SamplingParams]
@@ -42,7 +42,9 @@ class Scheduler:
         self._resume.set()
         self._pause_mode: Optional[str] = None
         self._abort = False
-        self._running = 0  # rows in the batch being generated
+        self._pending = 0  # jobs submitted and not answered yet
+        self._waiting: set = set()  # jobs submitted and not started yet
+        self._count_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="generation", daemon=True)
 
@@ -57,29 +59,37 @@ class Scheduler:
     # ---------------------------------------------------------------- control
     def submit(self, prompts: list[list[int]], params: list[SamplingParams]) -> Future:
         job = Job(prompts, params)
+        with self._count_lock:
+            self._pending += 1
+            self._waiting.add(job)
+        job.future.add_done_callback(self._answered)
         self._queue.put(job)
         return job.future
 
+    def _answered(self, _future):
+        with self._count_lock:
+            self._pending -= 1
+
     @property
     def busy(self) -> bool:
-        return self._running > 0 or not self._queue.empty()
+        return self._pending > 0
 
     @property
     def paused(self) -> bool:
         return not self._resume.is_set()
 
     def pause(self, mode: str = "abort"):
-        """abort: end running and queued requests now; retract/in_place: hold them until resumed."""
+        """abort: end running and waiting requests now; retract/in_place: hold them until resumed.
+        Requests that arrive while paused wait for `resume` (as in SGLang)."""
         self._pause_mode = mode
         self._resume.clear()
         if mode == "abort":
             self._abort = True
-            while True:
-                try:
-                    job = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                job.future.set_result(aborted_samples(job, "aborted by pause_generation"))
+            with self._count_lock:
+                waiting, self._waiting = list(self._waiting), set()
+            for job in waiting:
+                if not job.future.done():
+                    job.future.set_result(aborted_samples(job, "aborted by pause_generation"))
 
     def resume(self):
         self._abort = False
@@ -116,7 +126,11 @@ class Scheduler:
                     jobs.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            self._run(jobs)
+            with self._count_lock:
+                jobs = [j for j in jobs if not j.future.done()]  # an abort-pause may have answered some
+                self._waiting.difference_update(jobs)
+            if jobs:
+                self._run(jobs)
 
     def _run(self, jobs: list[Job]):
         prompts, params, keys = [], [], []
@@ -124,7 +138,6 @@ class Scheduler:
             prompts += job.prompts
             params += job.params
             keys += list(range(len(job.prompts)))
-        self._running = sum(p.n for p in params)
         try:
             with self.model_lock:
                 samples = self.generator.generate(prompts, params, seed_keys=keys, should_abort=self._checkpoint)
@@ -133,8 +146,6 @@ class Scheduler:
             for job in jobs:
                 job.future.set_exception(err)
             return
-        finally:
-            self._running = 0
         start = 0
         for job in jobs:
             count = sum(p.n for p in job.params)

@@ -7,291 +7,26 @@ and weight-sync code against a real server. Safe by default: it binds loopback, 
 any other address without `--api-key`, checks `Authorization: Bearer <key>` on every
 endpoint but the health checks when a key is set, limits request sizes, answers bad
 requests with a 4xx JSON error naming the field, and never unpickles anything.
+
+This module is the command line only; it checks its arguments before importing torch,
+so a mistake is reported in a blink. The application is `app.py`.
 """
 from __future__ import annotations
 
 import argparse
-import asyncio
-import hmac
+import faulthandler
 import logging
 import os
 import socket
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Optional
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import ValidationError
-
-from .generator import Generator, SamplingParams
-from .protocol import (
-    DestroyWeightsUpdateGroupRequest, EmptyRequest, FieldError, GenerateRequest, InitWeightsUpdateGroupRequest,
-    MemoryOccupationRequest, PauseRequest, SamplingParamsIn, UpdateWeightsFromDistributedRequest, UpdateWeightsFromTensorRequest,
-    decode_named_tensors, dtype_name, field_error, sample_to_json,
-)
-from .scheduler import Scheduler
-from .weights import ServedWeights
-
 log = logging.getLogger("at_rollout.server")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-PUBLIC_PATHS = ("/health", "/health_generate")
 MB = 1 << 20
-
-
-class ServerState:
-    def __init__(self, generator: Generator, *, model_path: str, api_key: Optional[str] = None,
-                 max_request_bytes: int = 64 * MB, max_weights_request_bytes: int = 16384 * MB,
-                 weight_update_timeout_s: float = 300.0, batch_window_s: float = 0.002):
-        self.generator = generator
-        self.model_path = model_path
-        self.api_key = api_key
-        self.max_request_bytes = max_request_bytes
-        self.max_weights_request_bytes = max_weights_request_bytes
-        self.scheduler = Scheduler(generator, batch_window_s=batch_window_s).start()
-        self.weights = ServedWeights(generator.model, self.scheduler.model_lock, weight_update_timeout_s,
-                                     max_weights_request_bytes)
-        self.vocab_size = int(generator.model.get_input_embeddings().weight.shape[0])
-
-
-def _error(err: FieldError) -> JSONResponse:
-    return JSONResponse(status_code=err.status, content={
-        "object": "error", "success": False, "message": str(err), "field": err.field,
-        "type": "BadRequest" if err.status == 400 else "Error", "code": err.status,
-    })
-
-
-async def _read(request: Request, model, limit: int):
-    """The body, size-limited while streaming, parsed into `model` (an empty body means {})."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise FieldError(None, f"request body of {declared} bytes exceeds the limit of {limit} bytes", 413)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise FieldError(None, f"request body exceeds the limit of {limit} bytes", 413)
-        chunks.append(chunk)
-    body = b"".join(chunks).strip() or b"{}"
-    try:
-        return model.model_validate_json(body)
-    except ValidationError as err:
-        raise field_error(err) from None
-
-
-def _per_item(value, count: int, name: str, default):
-    """SGLang's convention: a scalar applies to every item, a list gives one value per item."""
-    if value is None:
-        return [default] * count
-    if isinstance(value, list):
-        if len(value) != count:
-            raise FieldError(name, f"{name} has {len(value)} entries for {count} prompts")
-        return [default if v is None else v for v in value]
-    return [value] * count
-
-
-def create_app(state: ServerState) -> FastAPI:
-    app = FastAPI(title="autothink rollout server", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.server = state
-
-    @app.exception_handler(FieldError)
-    async def _field_error(_request: Request, err: FieldError):
-        return _error(err)
-
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if state.api_key and request.url.path not in PUBLIC_PATHS:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {state.api_key}".encode()):
-                return _error(FieldError("Authorization", "missing or wrong 'Authorization: Bearer <api key>'", 401))
-        return await call_next(request)
-
-    @app.get("/health")
-    async def health():
-        return PlainTextResponse("", status_code=200)
-
-    @app.get("/health_generate")
-    async def health_generate():
-        if state.scheduler.paused:
-            return PlainTextResponse("", status_code=200)
-        fut = state.scheduler.submit([[0]], [SamplingParams(max_new_tokens=1, temperature=0.0)])
-        try:
-            await asyncio.wait_for(asyncio.wrap_future(fut), timeout=20)
-        except Exception:
-            return PlainTextResponse("", status_code=503)
-        return PlainTextResponse("", status_code=200)
-
-    @app.get("/model_info")
-    @app.get("/get_model_info")
-    async def model_info():
-        model = state.generator.model
-        return {
-            "model_path": state.model_path, "tokenizer_path": state.model_path, "is_generation": True,
-            "preferred_sampling_params": None, "weight_version": state.weights.version,
-            "dtype": dtype_name(next(model.parameters()).dtype), "device": str(state.weights.device),
-            "vocab_size": state.vocab_size, "max_context_len": state.generator.context_len,
-            "eos_token_ids": list(state.generator.eos_token_ids),
-            "num_parameters": sum(p.numel() for p in model.parameters()), "server": "at_rollout",
-        }
-
-    @app.get("/get_weight_version")
-    async def weight_version():
-        return {"weight_version": state.weights.version}
-
-    @app.api_route("/generate", methods=["POST", "PUT"])
-    async def generate(request: Request):
-        req = await _read(request, GenerateRequest, state.max_request_bytes)
-        prompts, single = _prompts(req, state)
-        count = len(prompts)
-        raw = req.sampling_params
-        if isinstance(raw, list) and len(raw) != count:
-            raise FieldError("sampling_params", f"sampling_params has {len(raw)} entries for {count} prompts")
-        params = [(raw[i] if isinstance(raw, list) else raw) for i in range(count)]
-        params = [(p or SamplingParamsIn()).to_params(f"sampling_params[{i}]" if isinstance(raw, list)
-                                                      else "sampling_params") for i, p in enumerate(params)]
-        want_lp = _per_item(req.return_logprob, count, "return_logprob", False)
-        for i, start in enumerate(_per_item(req.logprob_start_len, count, "logprob_start_len", -1)):
-            if start != -1:
-                raise FieldError("logprob_start_len", "only -1 (log-probs of output tokens) is supported, "
-                                                      f"got {start}")
-        for top in _per_item(req.top_logprobs_num, count, "top_logprobs_num", 0):
-            if top:
-                raise FieldError("top_logprobs_num", "top log-probs are not supported (only 0)")
-        if req.stream:
-            raise FieldError("stream", "streaming is not supported by this server")
-        rids = _per_item(req.rid, count, "rid", None)
-        samples = await asyncio.wrap_future(state.scheduler.submit(prompts, params))
-        out, k = [], 0
-        for i, p in enumerate(params):
-            for j in range(p.n):
-                rid = rids[i] if rids[i] is not None and p.n == 1 else (
-                    f"{rids[i]}-{j}" if rids[i] is not None else uuid.uuid4().hex)
-                out.append(sample_to_json(samples[k], rid, want_lp[i], state.generator.tokenizer,
-                                          req.return_text_in_logprobs, state.weights.version))
-                k += 1
-        return out[0] if single and len(out) == 1 else out
-
-    @app.api_route("/flush_cache", methods=["GET", "POST"])
-    async def flush_cache():
-        # No prefix cache to drop; like SGLang, refuse while requests run or wait.
-        if state.scheduler.busy:
-            return PlainTextResponse("Cache not flushed: requests are running or waiting.\n", status_code=400)
-        return PlainTextResponse("Cache flushed.\n", status_code=200)
-
-    @app.post("/pause_generation")
-    async def pause_generation(request: Request):
-        req = await _read(request, PauseRequest, state.max_request_bytes)
-        state.scheduler.pause(req.mode)
-        return {"message": "Generation paused successfully.", "status": "ok"}
-
-    @app.post("/continue_generation")
-    async def continue_generation(request: Request):
-        await _read(request, EmptyRequest, state.max_request_bytes)
-        state.scheduler.resume()
-        return {"message": "Generation continued successfully.", "status": "ok"}
-
-    @app.post("/update_weights_from_tensor")
-    async def update_weights_from_tensor(request: Request):
-        req = await _read(request, UpdateWeightsFromTensorRequest, state.max_weights_request_bytes)
-        if req.load_format != "safetensors":
-            raise FieldError("load_format", "load_format must be 'safetensors' (base64 safetensors blobs); "
-                                            f"this server never unpickles, got {req.load_format!r}")
-
-        def work():
-            named = {}
-            for i, blob in enumerate(req.serialized_named_tensors):
-                for name, t in decode_named_tensors(blob, f"serialized_named_tensors[{i}]").items():
-                    if name in named:
-                        raise FieldError(f"serialized_named_tensors[{i}]", f"weight {name!r} sent twice")
-                    named[name] = t
-            return state.weights.apply(named, "serialized_named_tensors")
-
-        count = await asyncio.to_thread(work)
-        return _updated(state, count, req.weight_version)
-
-    @app.post("/init_weights_update_group")
-    async def init_weights_update_group(request: Request):
-        req = await _read(request, InitWeightsUpdateGroupRequest, state.max_request_bytes)
-        try:
-            await asyncio.to_thread(state.weights.init_group, req.master_address, req.master_port, req.rank_offset,
-                                    req.world_size, req.group_name, req.backend)
-        except FieldError:
-            raise
-        except Exception as err:
-            raise FieldError(None, f"joining weight update group {req.group_name!r} at "
-                                   f"{req.master_address}:{req.master_port} failed: {err}") from None
-        return {"success": True, "message": f"joined weight update group {req.group_name!r}"}
-
-    @app.post("/update_weights_from_distributed")
-    async def update_weights_from_distributed(request: Request):
-        req = await _read(request, UpdateWeightsFromDistributedRequest, state.max_request_bytes)
-        if req.load_format not in (None, "direct"):
-            raise FieldError("load_format", f"only per-tensor broadcasts are supported, got {req.load_format!r}")
-
-        def work():
-            try:
-                named = state.weights.receive(req.names, req.dtypes, req.shapes, req.group_name)
-            except FieldError:
-                raise
-            except Exception as err:
-                raise FieldError(None, f"receiving weights over group {req.group_name!r} failed: {err}") from None
-            return state.weights.apply(named, "names")
-
-        count = await asyncio.to_thread(work)
-        return _updated(state, count, req.weight_version)
-
-    @app.post("/destroy_weights_update_group")
-    async def destroy_weights_update_group(request: Request):
-        req = await _read(request, DestroyWeightsUpdateGroupRequest, state.max_request_bytes)
-        await asyncio.to_thread(state.weights.destroy_group, req.group_name)
-        return {"success": True, "message": f"destroyed weight update group {req.group_name!r}"}
-
-    @app.api_route("/release_memory_occupation", methods=["GET", "POST"])
-    @app.api_route("/resume_memory_occupation", methods=["GET", "POST"])
-    async def memory_occupation(request: Request):
-        await _read(request, MemoryOccupationRequest, state.max_request_bytes)
-        return {"success": True, "message": "accepted (no-op: this server does not release memory)"}
-
-    return app
-
-
-def _prompts(req: GenerateRequest, state: ServerState):
-    """Token ids per prompt and whether the request was a single prompt (not a batch)."""
-    if (req.text is None) == (req.input_ids is None):
-        raise FieldError("input_ids", "give exactly one of 'text' and 'input_ids'")
-    if req.text is not None:
-        if state.generator.tokenizer is None:
-            raise FieldError("text", "this server has no tokenizer; send input_ids")
-        texts = [req.text] if isinstance(req.text, str) else req.text
-        prompts = [state.generator.tokenizer.encode(t) for t in texts]
-        single, name = isinstance(req.text, str), "text"
-    else:
-        ids = req.input_ids
-        single = not ids or not isinstance(ids[0], list)
-        prompts = [ids] if single else ids
-        name = "input_ids"
-    if not prompts:
-        raise FieldError(name, f"{name} is an empty batch")
-    limit = state.generator.context_len
-    for i, p in enumerate(prompts):
-        where = name if single else f"{name}[{i}]"
-        if not p:
-            raise FieldError(where, f"{where} is empty")
-        if len(p) >= limit:
-            raise FieldError(where, f"{where} has {len(p)} tokens; the model's context is {limit}")
-        bad = next((t for t in p if not 0 <= t < state.vocab_size), None)
-        if bad is not None:
-            raise FieldError(where, f"{where}: token id {bad} is outside the vocabulary (size {state.vocab_size})")
-    return prompts, single
-
-
-def _updated(state: ServerState, count: int, version: Optional[str]) -> dict:
-    if version is not None:
-        state.weights.version = version
-    return {"success": True, "message": f"updated {count} weights"}
 
 
 # ---------------------------------------------------------------- command line
@@ -334,6 +69,7 @@ def _watch_parent(pid: int):
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    faulthandler.enable()  # a crash in native code leaves a Python stack in the log
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.host not in LOOPBACK and not args.api_key:
         print(f"error: refusing to bind {args.host!r} without --api-key: anyone who can reach it could replace "
@@ -346,6 +82,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         _watch_parent(args.parent_pid)
 
     import uvicorn
+
+    from .app import ServerState, create_app
+    from .generator import Generator
 
     generator = Generator.from_pretrained(args.model_path, dtype=args.dtype, device=args.device,
                                           attn_implementation=args.attn_implementation,

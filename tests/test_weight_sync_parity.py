@@ -54,8 +54,9 @@ def _worker(url: str, model_dir: str, out_path: str) -> None:
         "optimizer": {"type": "AdamW", "params": {"lr": 0.02, "torch_adam": True}},
         "zero_allow_untested_optimizer": True,
     }
-    keep = HfDeepSpeedConfig(ds_config)  # noqa: F841  (from_pretrained partitions under zero.Init)
+    hf_ds = HfDeepSpeedConfig(ds_config)  # while it lives, from_pretrained partitions under zero.Init
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    del hf_ds
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
     assert all(hasattr(p, "ds_id") for p in engine.module.parameters())  # really ZeRO-3 partitioned
     rank = dist.get_rank()
