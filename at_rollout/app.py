@@ -190,13 +190,14 @@ def create_app(state: ServerState) -> FastAPI:
                                             f"this server never unpickles, got {req.load_format!r}")
 
         def work():
-            named = {}
+            named, fields = {}, {}
             for i, blob in enumerate(req.serialized_named_tensors):
-                for name, t in decode_named_tensors(blob, f"serialized_named_tensors[{i}]").items():
+                where = f"serialized_named_tensors[{i}]"
+                for name, t in decode_named_tensors(blob, where).items():
                     if name in named:
-                        raise FieldError(f"serialized_named_tensors[{i}]", f"weight {name!r} sent twice")
-                    named[name] = t
-            return state.weights.apply(named, "serialized_named_tensors")
+                        raise FieldError(where, f"weight {name!r} sent twice")
+                    named[name], fields[name] = t, where
+            return state.weights.apply(named, fields)
 
         count = await asyncio.to_thread(work)
         return _updated(state, count, req.weight_version)

@@ -34,20 +34,22 @@ class ServedWeights:
         return {k: {"shape": list(v.shape), "dtype": dtype_name(v.dtype)} for k, v in self.tensors.items()}
 
     # ---------------------------------------------------------------- updates
-    def check(self, named: Mapping[str, torch.Tensor], where: str = "names") -> None:
+    def check(self, named: Mapping[str, torch.Tensor], where: str | Mapping[str, str] = "names") -> None:
+        """`where`: the request field listing the names (errors say `where[i]`), or each name's field."""
         for i, (name, t) in enumerate(named.items()):
+            field = where[name] if isinstance(where, Mapping) else f"{where}[{i}]"
             target = self.tensors.get(name)
             if target is None:
-                raise FieldError(f"{where}[{i}]", f"unknown weight name {name!r} (the server's model has "
+                raise FieldError(field, f"unknown weight name {name!r} (the server's model has "
                                                   f"{len(self.tensors)} weights, e.g. {next(iter(self.tensors))!r})")
             if tuple(t.shape) != tuple(target.shape):
-                raise FieldError(f"{where}[{i}]", f"{name}: shape {list(t.shape)} does not match the served "
+                raise FieldError(field, f"{name}: shape {list(t.shape)} does not match the served "
                                                   f"{list(target.shape)}")
             if t.dtype != target.dtype:
-                raise FieldError(f"{where}[{i}]", f"{name}: dtype {dtype_name(t.dtype)} does not match the served "
+                raise FieldError(field, f"{name}: dtype {dtype_name(t.dtype)} does not match the served "
                                                   f"{dtype_name(target.dtype)}")
 
-    def apply(self, named: Mapping[str, torch.Tensor], where: str = "names") -> int:
+    def apply(self, named: Mapping[str, torch.Tensor], where: str | Mapping[str, str] = "names") -> int:
         """Validate everything, then copy everything (under the model lock)."""
         self.check(named, where)
         with self.lock, torch.no_grad():

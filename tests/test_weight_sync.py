@@ -1,0 +1,167 @@
+"""Weight sync into a real server process from a single-process trainer: both methods,
+all-or-nothing rejection of bad updates, and recovery after the server dies."""
+from __future__ import annotations
+
+import base64
+import time
+
+import pytest
+import requests
+import torch
+
+from at_rollout.client import RolloutError
+from at_rollout.generator import logprob_temperature
+from at_rollout.process import LocalServer
+from at_rollout.protocol import encode_named_tensors
+from at_rollout.weight_sync import WeightSync
+
+SP = {"max_new_tokens": 12, "temperature": 0.9, "top_p": 0.95, "n": 2, "sampling_seed": 3}
+PROMPTS = [[0, 3, 40, 41, 42, 9], [0, 3, 50, 51]]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    srv = LocalServer(tiny_model_dir, log_file=tmp_path_factory.mktemp("ws") / "server.log",
+                      extra_args=["--weight-update-timeout-s", "20"])
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return server.client(timeout_s=60, retries=2, backoff_s=0.1)
+
+
+class Policy(torch.nn.Module):
+    """A trainer-side wrapper around the HF model (names gain a prefix the server does not know)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+
+@pytest.fixture
+def model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+
+
+def perturb(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def max_diff(client, model) -> float:
+    """Served log-probs of served samples against the local model's recomputation."""
+    worst = 0.0
+    for s in client.generate(PROMPTS, SP):
+        p = PROMPTS[s.prompt_index]
+        with torch.no_grad():
+            logits = model(torch.tensor([p + s.output_ids])).logits[0, len(p) - 1:-1].float()
+        lp = torch.log_softmax(logits / logprob_temperature(SP["temperature"]), -1)
+        ref = lp.gather(1, torch.tensor(s.output_ids)[:, None]).squeeze(1)
+        worst = max(worst, (ref - torch.tensor(s.logprobs)).abs().max().item())
+    return worst
+
+
+def served(client):
+    return [(s.output_ids, s.logprobs) for s in client.generate(PROMPTS, SP)]
+
+
+@pytest.mark.parametrize("method", ["tensor", "distributed"])
+def test_sync_makes_served_logprobs_match(client, model, method):
+    perturb(model, 1)
+    assert max_diff(client, model) > 1e-3
+    sync = WeightSync(client, method, bucket_mb=0.05, timeout_s=20)
+    try:
+        stats = sync.sync(Policy(model), weight_version=f"v-{method}")
+        assert stats.tensors == len(list(model.parameters())) and stats.buckets >= 5
+        assert max_diff(client, model) < 1e-5
+        assert client.model_info()["weight_version"] == f"v-{method}"
+        # A second sync over the same group works too.
+        perturb(model, 2)
+        sync.sync(model)
+        assert max_diff(client, model) < 1e-5
+    finally:
+        sync.close()
+
+
+def test_rejected_tensor_updates_leave_weights_untouched(server, client, model):
+    before = served(client)
+    sd = model.state_dict()
+    good = {k: v + 1.0 for k, v in list(sd.items())[:3]}
+    bad_cases = [
+        ({**good, "model.layers.0.mlp.up_proj.weight": torch.zeros(3, 3)}, "model.layers.0.mlp.up_proj.weight"),
+        ({**good, "model.layers.99.nope.weight": torch.zeros(2)}, "model.layers.99.nope.weight"),
+        ({**good, "lm_head.weight": sd["lm_head.weight"].to(torch.float16)}, "float16"),
+    ]
+    for named, name in bad_cases:
+        with pytest.raises(RolloutError) as err:
+            client.update_weights_from_tensor(named)
+        assert err.value.status == 400 and err.value.field == "serialized_named_tensors[0]", err.value
+        assert name in str(err.value)
+    blob = encode_named_tensors(good)
+    for body, field in [
+        ({"serialized_named_tensors": [blob]}, "load_format"),
+        ({"serialized_named_tensors": ["%%%"], "load_format": "safetensors"}, "serialized_named_tensors[0]"),
+        ({"serialized_named_tensors": [base64.b64encode(b"junk").decode()], "load_format": "safetensors"},
+         "serialized_named_tensors[0]"),
+        ({"serialized_named_tensors": blob, "load_format": "safetensors"}, "serialized_named_tensors"),
+    ]:
+        r = requests.post(server.url + "/update_weights_from_tensor", json=body, timeout=30)
+        assert r.status_code == 400 and r.json()["field"] == field, r.text
+    assert served(client) == before  # bit-identical: nothing was applied
+
+
+def test_rejected_distributed_update_leaves_weights_untouched_and_group_usable(client, model):
+    before = served(client)
+    perturb(model, 3)
+    renamed = lambda n: "model.not_a_weight" if n == "model.norm.weight" else n  # noqa: E731
+    bad = WeightSync(client, "distributed", bucket_mb=1000, timeout_s=20, name_map=renamed)
+    try:
+        with pytest.raises(RolloutError, match="not_a_weight"):
+            bad.sync(model)
+        client.continue_generation()
+        assert served(client) == before  # the one bucket was received in full, then rejected
+        bad.name_map = lambda n: n
+        bad.sync(model)  # the group survived the rejection
+        assert max_diff(client, model) < 1e-5
+    finally:
+        bad.close()
+
+
+def test_group_init_errors_name_the_field(client):
+    for kwargs, field in [({"backend": "nccl", "rank_offset": 1}, "backend"),
+                          ({"backend": "gloo", "rank_offset": 0}, "rank_offset")]:
+        with pytest.raises(RolloutError) as err:
+            client.init_weights_update_group("127.0.0.1", 1, world_size=2, **kwargs)
+        assert err.value.status == 400 and err.value.field == field
+    with pytest.raises(RolloutError) as err:
+        client.update_weights_from_distributed(["lm_head.weight"], ["float32"], [[1]], group_name="nope")
+    assert err.value.field == "group_name"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("method", ["distributed", "tensor"])
+def test_dead_server_is_an_error_then_restart_and_resync(server, client, model, method):
+    sync = WeightSync(client, method, bucket_mb=0.05, timeout_s=10)
+    sync.sync(model)
+    server.proc.kill()
+    server.proc.wait(10)
+    if method == "distributed":  # the group itself: a dead peer is an error within the timeout
+        start = time.monotonic()
+        with pytest.raises(RuntimeError):
+            torch.distributed.broadcast(torch.zeros(1 << 20), src=0, group=sync._group)
+        assert time.monotonic() - start < 15
+    with pytest.raises(RolloutError, match=server.url):
+        sync.sync(model)
+    server.restart()  # fresh weights from the model directory ...
+    perturb(model, 4)
+    sync.reconnect()
+    sync.sync(model)  # ... and the trainer's weights again after a re-sync
+    assert max_diff(client, model) < 1e-5
+    sync.close()
