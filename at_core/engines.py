@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+from at_core.attention import training_attn_implementation
 from at_core.packing import PackedPolicy
 
 log = logging.getLogger(__name__)
@@ -55,14 +56,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_dtype(cfg: DictConfig) -> torch.dtype:
+def train_dtype(cfg: DictConfig, gpu: Optional[bool] = None) -> torch.dtype:
     if cfg.model.dtype == "auto":
-        return torch.bfloat16 if on_gpu() else torch.float32
+        return torch.bfloat16 if (on_gpu() if gpu is None else gpu) else torch.float32
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.model.dtype]
 
 
-def deepspeed_config(cfg: DictConfig, *, trainable: bool = True) -> Dict[str, Any]:
-    """The DeepSpeed config dict, from the run config plus the pass-through `deepspeed.extra`."""
+def deepspeed_config(cfg: DictConfig, *, trainable: bool = True, gpu: Optional[bool] = None) -> Dict[str, Any]:
+    """The DeepSpeed config dict, from the run config plus the pass-through `deepspeed.extra`.
+
+    `gpu` renders the config for a GPU (or CPU) rank regardless of this machine (dry runs).
+    """
+    gpu = on_gpu() if gpu is None else gpu
     ds = cfg.deepspeed
     world = dist.get_world_size() if dist.is_initialized() else 1
     zero: Dict[str, Any] = {
@@ -73,9 +78,9 @@ def deepspeed_config(cfg: DictConfig, *, trainable: bool = True) -> Dict[str, An
         "contiguous_gradients": True,
     }
     if ds.offload_param:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu()}
+        zero["offload_param"] = {"device": "cpu", "pin_memory": gpu}
     if ds.offload_optimizer and trainable:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu()}
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": gpu}
     conf: Dict[str, Any] = {
         # Micro-batches are sized by tokens, not samples; accumulation is driven by hand
         # (set_gradient_accumulation_boundary), and the loss is pre-scaled by the global
@@ -85,7 +90,7 @@ def deepspeed_config(cfg: DictConfig, *, trainable: bool = True) -> Dict[str, An
         "train_batch_size": world,
         "gradient_clipping": cfg.algorithm.grad_clip if trainable else 0.0,
         "zero_optimization": zero,
-        "bf16": {"enabled": train_dtype(cfg) == torch.bfloat16},
+        "bf16": {"enabled": train_dtype(cfg, gpu) == torch.bfloat16},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
@@ -98,7 +103,7 @@ def deepspeed_config(cfg: DictConfig, *, trainable: bool = True) -> Dict[str, An
                 "betas": [0.9, 0.999],
                 "eps": 1e-8,
                 "weight_decay": cfg.algorithm.weight_decay,
-                "torch_adam": not (ds.offload_optimizer and on_gpu()),
+                "torch_adam": not (ds.offload_optimizer and gpu),
             },
         }
     extra = OmegaConf.to_container(ds.extra, resolve=True) if isinstance(ds.extra, DictConfig) else dict(ds.extra)
@@ -119,7 +124,7 @@ def load_model(model_path: str, cfg: DictConfig, ds_config: Optional[Dict[str, A
 
     keep_alive = HfDeepSpeedConfig(ds_config) if ds_config and ds_config["zero_optimization"]["stage"] == 3 else None
     model = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=train_dtype(cfg), attn_implementation=cfg.model.attn_implementation
+        model_path, dtype=train_dtype(cfg), attn_implementation=training_attn_implementation(cfg.model.attn_implementation)
     )
     del keep_alive  # transformers only consults it during from_pretrained
     model.config.use_cache = False

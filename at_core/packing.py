@@ -12,6 +12,7 @@ from typing import List, Sequence
 
 import torch
 
+from at_core import attention  # noqa: F401  (registers the packed attention implementation)
 from at_core.logprob import token_logprobs
 
 
@@ -58,6 +59,8 @@ class PackedBatch:
     targets: torch.Tensor  # [N] the response tokens
     seq_of_token: torch.Tensor  # [N] which rollout (index into `rollouts`) each target belongs to
     rollouts: List[Rollout]
+    cu_seqlens: torch.Tensor  # [S + 1] int32 sequence boundaries (varlen attention)
+    max_len: int
 
 
 def pack(rollouts: Sequence[Rollout], device: torch.device | str = "cpu") -> PackedBatch:
@@ -80,7 +83,10 @@ def pack(rollouts: Sequence[Rollout], device: torch.device | str = "cpu") -> Pac
     def t(x):
         return torch.tensor(x, dtype=torch.long, device=device)
 
-    return PackedBatch(t(ids)[None], t(pos)[None], t(logit_index), t(targets), t(owner), list(rollouts))
+    lens = [r.length for r in rollouts]
+    cu = torch.tensor([0] + lens, dtype=torch.int32, device=device).cumsum(0, dtype=torch.int32)
+    return PackedBatch(t(ids)[None], t(pos)[None], t(logit_index), t(targets), t(owner), list(rollouts), cu,
+                       max(lens, default=0))
 
 
 def packed_logprobs(model, batch: PackedBatch, temperature: float = 1.0, with_entropy: bool = False,
@@ -92,7 +98,10 @@ def packed_logprobs(model, batch: PackedBatch, temperature: float = 1.0, with_en
     DeepSpeed engine's module): calling its submodules keeps ZeRO-3's gather hooks in play.
     """
     backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    hidden = backbone(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).last_hidden_state
+    varlen = dict(cu_seq_lens_q=batch.cu_seqlens, cu_seq_lens_k=batch.cu_seqlens, max_length_q=batch.max_len,
+                  max_length_k=batch.max_len)  # used by packed_sdpa and flash-attention; ignored by others
+    hidden = backbone(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
+                      **varlen).last_hidden_state
     hidden = hidden[0].index_select(0, batch.logit_index)
     logps, ents = [], []
     for s in range(0, hidden.shape[0], chunk):

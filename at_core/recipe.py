@@ -150,19 +150,9 @@ def _yn(flag: bool) -> str:
 
 def gpu_deepspeed_config(cfg: DictConfig, world: int) -> Dict[str, Any]:
     """The DeepSpeed config a GPU rank of a `world`-rank run builds, rendered on any machine."""
-    import inspect
+    from at_core.engines import deepspeed_config
 
-    from at_core import engines
-
-    if "gpu" in inspect.signature(engines.deepspeed_config).parameters:
-        conf = engines.deepspeed_config(cfg, gpu=True)
-    else:  # engines.deepspeed_config asks the accelerator: answer "cuda" for the length of this call
-        real = engines.on_gpu
-        engines.on_gpu = lambda: True
-        try:
-            conf = engines.deepspeed_config(cfg)
-        finally:
-            engines.on_gpu = real
+    conf = deepspeed_config(cfg, gpu=True)
     conf["train_batch_size"] = world * conf["train_micro_batch_size_per_gpu"] * conf["gradient_accumulation_steps"]
     return conf
 

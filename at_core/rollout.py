@@ -86,6 +86,20 @@ class RolloutWorkers:
         for s in self.servers:
             s.stop()
 
+    # ---------------------------------------------------------------- colocated mode
+    def release(self) -> None:
+        """Colocated SGLang: free the engine's weights and KV cache for the update (rank 0)."""
+        if self.cfg.colocate and self.rank == 0:
+            for c in self.clients:
+                c.flush_cache()
+                c.release_memory_occupation()
+
+    def resume(self) -> None:
+        """Colocated SGLang: take the memory back before the new weights arrive (rank 0)."""
+        if self.cfg.colocate and self.rank == 0:
+            for c in self.clients:
+                c.resume_memory_occupation()
+
     # ---------------------------------------------------------------- the two operations
     def sync(self, module) -> None:
         self.weight_sync.sync(module)

@@ -157,6 +157,7 @@ def rl_step(ctx: Context, stage_name: str) -> Dict[str, float]:
     clock["time/reward"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    ctx.rollout.release()  # colocated engines give their GPU memory to the update
     rollouts = my_rollouts(ctx, prompt_ids, samples, scored)
     ref = None
     if ctx.reference is not None:
@@ -167,6 +168,7 @@ def rl_step(ctx: Context, stage_name: str) -> Dict[str, float]:
     clock["time/train"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    ctx.rollout.resume()
     ctx.rollout.sync(policy_lm(ctx.engine))
     clock["time/sync"] = time.perf_counter() - t
 

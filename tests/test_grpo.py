@@ -50,7 +50,11 @@ def test_plan_micro_batches_respects_budget():
 def test_packed_logprobs_equal_unpacked(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
+    from at_core.attention import PACKED_SDPA
+
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    packed_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32,
+                                                        attn_implementation=PACKED_SDPA).eval()
     g = torch.Generator().manual_seed(1)
     rollouts = [
         Rollout(prompt_ids=torch.randint(5, 300, (p,), generator=g).tolist(),
@@ -58,7 +62,9 @@ def test_packed_logprobs_equal_unpacked(tiny_model_dir):
         for p, r in [(7, 3), (4, 40), (11, 1), (5, 17)]
     ]
     with torch.no_grad():
-        packed, _ = packed_logprobs(model, pack(rollouts), temperature=0.6, chunk=16)
+        packed, _ = packed_logprobs(packed_model, pack(rollouts), temperature=0.6, chunk=16)
+        dense, _ = packed_logprobs(model, pack(rollouts), temperature=0.6, chunk=16)  # block-diagonal mask path
+        assert (packed - dense).abs().max().item() <= 1e-5
         for k, r in enumerate(rollouts):
             ids = torch.tensor([r.prompt_ids + r.response_ids])
             logits = model(input_ids=ids).logits[0, len(r.prompt_ids) - 1 : -1].float() / 0.6
