@@ -141,9 +141,8 @@ def test_layer_activations_match_what_autograd_saves(masked):
 
 def _recipe(name):
     path = REPO / "examples" / "configs" / f"{name}.yaml"
-    text = path.read_text()
-    gpus, nodes = map(int, re.search(r"--gpus (\d+) --nodes (\d+)", text).groups())
-    return load_config(str(path)), gpus, nodes
+    cfg = load_config(str(path))
+    return cfg, cfg.cluster.nodes * cfg.cluster.gpus_per_node, cfg.cluster.nodes
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
