@@ -45,13 +45,17 @@ def summary_line(row: dict) -> str:
             f"think rate {row['think_rate']:.2f} ({tiers})")
 
 
-def cached_eval(path: Path, name: str, run) -> dict:
-    """Evaluation rows are cached in the run directory, so `--resume` never redoes one."""
+def cached_eval(path: Path, name: str, s: EvalSettings, run) -> dict:
+    """Evaluation rows are cached in the run directory (with their settings), so `--resume`
+    never redoes one and a changed setting never reuses a stale one."""
+    key = {"settings": vars(s)}
     if path.exists():
-        return json.loads(path.read_text())
+        cached = json.loads(path.read_text())
+        if cached.pop("cache_key", None) == key:
+            return cached
     row = {"name": name, **run()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(row, indent=2))
+    path.write_text(json.dumps({**row, "cache_key": key}, indent=2))
     return row
 
 
@@ -62,20 +66,19 @@ def evaluate_base(cfg, base: Path, held_out, out: Path) -> list[dict]:
     from at_reward.registry import build_reward
 
     tokenizer = AutoTokenizer.from_pretrained(base)
-    todo = [s for s in BASE_STYLES if not (out / "eval" / f"base_{s}.json").exists()]
     workers = RolloutWorkers(cfg.rollout, str(base), out, rank=0, seed=cfg.seed)
     rows = []
     with build_reward(cfg.reward) as reward:
         try:
-            if todo:
-                workers.start()
             for style in BASE_STYLES:
                 def run(style=style):
+                    if not workers.clients:
+                        workers.start()  # only when some evaluation is not cached
                     gen = lambda ids, p: workers.generate(ids, p, None)  # noqa: E731
                     samples = generate_samples(gen, tokenizer, held_out, settings(cfg, style), desc=f"base/{style}")
                     return summarize(held_out, samples, tokenizer, reward, style)
 
-                rows.append(cached_eval(out / "eval" / f"base_{style}.json", f"base/{style}", run))
+                rows.append(cached_eval(out / "eval" / f"base_{style}.json", f"base/{style}", settings(cfg, style), run))
                 print(summary_line(rows[-1]), flush=True)
         finally:
             workers.close()
@@ -87,15 +90,14 @@ def stage_end_eval(held_out, out: Path):
     from at_core.engines import policy_lm
 
     def hook(ctx, stage: str, export_dir: Path) -> None:
-        path = out / "eval" / f"stage{stage}.json"
-        if path.exists():
-            return
         s = settings(ctx.cfg, "ellipsis")
         gen = lambda ids, p: ctx.rollout.generate(ids, p, policy_lm(ctx.engine))  # noqa: E731
         samples = generate_samples(gen, ctx.tokenizer, held_out, s, desc=f"stage{stage}", show=ctx.rank == 0)
         if ctx.rank == 0:
-            row = cached_eval(path, f"stage{stage}", lambda: summarize(held_out, samples, ctx.tokenizer, ctx.reward,
-                                                                         "ellipsis"))
+            path = out / "eval" / f"stage{stage}.json"
+            path.unlink(missing_ok=True)  # the stage was (re)trained: its old row is stale
+            row = cached_eval(path, f"stage{stage}", s,
+                              lambda: summarize(held_out, samples, ctx.tokenizer, ctx.reward, "ellipsis"))
             print(summary_line(row), flush=True)
 
     return hook
@@ -164,8 +166,12 @@ def main(argv=None) -> int:
 
     phase("3/4 RL: stage 1 (batch balance) -> stage 2 (accuracy) -> stage 3 (length shaping)")
     train(cfg, train_problems, str(base), on_stage_end=stage_end_eval(held_out, out))
-    rows += [json.loads((out / "eval" / f"stage{s}.json").read_text()) for s in sorted(cfg.stage)
-             if (out / "eval" / f"stage{s}.json").exists()]
+    for s in sorted(cfg.stage):
+        path = out / "eval" / f"stage{s}.json"
+        if path.exists():
+            row = json.loads(path.read_text())
+            row.pop("cache_key", None)
+            rows.append(row)
 
     phase("4/4 results")
     write_results(out, rows, extra={"wall_seconds": time.time() - started, "seed": cfg.seed, "quick": args.quick})

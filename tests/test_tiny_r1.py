@@ -1,0 +1,46 @@
+"""The main job's pipeline at --quick size: every phase runs and every promised file appears."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import ROOT
+
+ROWS = ["base/standard", "base/no_think", "base/ellipsis", "stage1", "stage2", "stage3"]
+
+
+@pytest.mark.timeout(900)
+def test_quick_run_writes_results_table_and_plots(tmp_path):
+    out = tmp_path / "tiny"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run([sys.executable, "examples/tiny_r1.py", "--quick", "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=880)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    for phase in ("1/4", "2/4", "3/4", "4/4"):
+        assert f"== {phase}" in proc.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in results["rows"]] == ROWS
+    for row in results["rows"]:
+        for key in ("accuracy", "mean_tokens", "think_rate"):
+            assert isinstance(row[key], float)
+        assert set(row["tiers"]) == {"easy", "medium", "hard"}
+        assert 0.0 <= row["accuracy"] <= 1.0 and row["mean_tokens"] > 0
+    assert results["wall_seconds"] > 0
+    by_name = {r["name"]: r for r in results["rows"]}
+    assert by_name["base/standard"]["think_rate"] == 1.0 or by_name["base/standard"]["think_rate"] > 0.9
+    assert by_name["base/no_think"]["think_rate"] == 0.0  # the forced prompt closed the block
+    md = (out / "results.md").read_text()
+    assert all(name in md for name in ROWS) and "stage3 vs base/standard" in md
+    for f in ("tradeoff.png", "think_rate.png", "metrics.jsonl", "config.yaml"):
+        assert (out / f).stat().st_size > 0, f
+    assert list((out / "tensorboard").iterdir())
+    steps = [json.loads(line)["global_step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, len(steps) + 1))
+
+    # --resume auto on a finished run redoes nothing and reproduces the same table
+    again = subprocess.run([sys.executable, "examples/tiny_r1.py", "--quick", "--out", str(out), "--resume", "auto"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-5000:]
+    assert json.loads((out / "results.json").read_text())["rows"] == results["rows"]
