@@ -5,7 +5,7 @@
 
 Methods, each against `naive` measured in the same run:
   naive    log_softmax(logits.float(), -1).gather(target): the textbook [T, V] fp32 path
-  chunked  at_core.logprob's pure-PyTorch reference (rows in ~1 MiB fp32 chunks)
+  chunked  at_core.logprob's pure-PyTorch reference (rows in ~32 MiB fp32 chunks)
   kernel   at_core.logprob's compiled kernel (csrc/: C++/OpenMP on CPU, CUDA on GPU)
 On a GPU with Liger-Kernel installed, `liger` (LigerCrossEntropyLoss, logits in) joins the
 table, and a second table compares the fused lm_head path (hidden in, --H) with
