@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import time
 import uuid
 from typing import Optional
 
@@ -21,8 +22,9 @@ from .generator import Generator, SamplingParams
 from .protocol import (
     DestroyWeightsUpdateGroupRequest, EmptyRequest, FieldError, GenerateRequest, InitWeightsUpdateGroupRequest,
     MemoryOccupationRequest, PauseRequest, SamplingParamsIn, UpdateWeightsFromDistributedRequest,
-    UpdateWeightsFromTensorRequest, decode_named_tensors, dtype_name, field_error, sample_to_json,
+    UpdateWeightsFromTensorRequest, dtype_name, field_error, sample_to_json,
 )
+from . import tensor_codec
 from .scheduler import Scheduler
 from .weights import ServedWeights
 
@@ -55,6 +57,17 @@ def _error(err: FieldError) -> JSONResponse:
 
 async def _read(request: Request, model, limit: int):
     """The body, size-limited while streaming, parsed into `model` (an empty body means {})."""
+    return _parse(model, await _read_body(request, limit))
+
+
+def _parse(model, body: bytes):
+    try:
+        return model.model_validate_json(body if body.strip() else b"{}")
+    except ValidationError as err:
+        raise field_error(err) from None
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise FieldError(None, f"request body of {declared} bytes exceeds the limit of {limit} bytes", 413)
@@ -64,11 +77,7 @@ async def _read(request: Request, model, limit: int):
         if size > limit:
             raise FieldError(None, f"request body exceeds the limit of {limit} bytes", 413)
         chunks.append(chunk)
-    body = b"".join(chunks).strip() or b"{}"
-    try:
-        return model.model_validate_json(body)
-    except ValidationError as err:
-        raise field_error(err) from None
+    return b"".join(chunks)  # bytes: pydantic parses them faster than a bytearray
 
 
 def _per_item(value, count: int, name: str, default):
@@ -82,6 +91,24 @@ def _per_item(value, count: int, name: str, default):
     return [value] * count
 
 
+class ApiKeyMiddleware:
+    """`Authorization: Bearer <key>` on every path but the health checks (pure ASGI: a
+    large weight update streams through untouched)."""
+
+    def __init__(self, app, api_key: str):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                err = FieldError("Authorization", "missing or wrong 'Authorization: Bearer <api key>'", 401)
+                await _error(err)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="autothink rollout server", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
@@ -90,13 +117,8 @@ def create_app(state: ServerState) -> FastAPI:
     async def _field_error(_request: Request, err: FieldError):
         return _error(err)
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if state.api_key and request.url.path not in PUBLIC_PATHS:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {state.api_key}".encode()):
-                return _error(FieldError("Authorization", "missing or wrong 'Authorization: Bearer <api key>'", 401))
-        return await call_next(request)
+    if state.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=state.api_key)
 
     @app.get("/health")
     async def health():
@@ -184,23 +206,35 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/update_weights_from_tensor")
     async def update_weights_from_tensor(request: Request):
-        req = await _read(request, UpdateWeightsFromTensorRequest, state.max_weights_request_bytes)
-        if req.load_format != "safetensors":
-            raise FieldError("load_format", "load_format must be 'safetensors' (base64 safetensors blobs); "
-                                            f"this server never unpickles, got {req.load_format!r}")
+        start = time.perf_counter()
+        body = await _read_body(request, state.max_weights_request_bytes)
+        read_s = time.perf_counter() - start
 
-        def work():
+        def work():  # off the event loop, which meanwhile reads the next bucket's body
+            req = _parse(UpdateWeightsFromTensorRequest, body)
+            if req.load_format != "safetensors":
+                raise FieldError("load_format", "load_format must be 'safetensors' (base64 safetensors blobs); "
+                                                f"this server never unpickles, got {req.load_format!r}")
             named, fields = {}, {}
             for i, blob in enumerate(req.serialized_named_tensors):
                 where = f"serialized_named_tensors[{i}]"
-                for name, t in decode_named_tensors(blob, where).items():
+                try:
+                    decoded = tensor_codec.decode(blob)
+                except tensor_codec.CodecError as err:
+                    raise FieldError(where, f"{where}: {err}") from None
+                for name, t in decoded.items():
                     if name in named:
                         raise FieldError(where, f"weight {name!r} sent twice")
                     named[name], fields[name] = t, where
-            return state.weights.apply(named, fields)
+            decoded_s = time.perf_counter() - start
+            count = state.weights.apply(named, fields)
+            log.info("update_weights_from_tensor: %d tensors, %.1f MB; read %.2fs, decode %.2fs, apply %.2fs",
+                     count, sum(t.numel() * t.element_size() for t in named.values()) / 1e6, read_s,
+                     decoded_s - read_s, time.perf_counter() - start - decoded_s)
+            return count, req.weight_version
 
-        count = await asyncio.to_thread(work)
-        return _updated(state, count, req.weight_version)
+        count, version = await asyncio.to_thread(work)
+        return _updated(state, count, version)
 
     @app.post("/init_weights_update_group")
     async def init_weights_update_group(request: Request):
@@ -222,13 +256,19 @@ def create_app(state: ServerState) -> FastAPI:
             raise FieldError("load_format", f"only per-tensor broadcasts are supported, got {req.load_format!r}")
 
         def work():
+            start = time.perf_counter()
             try:
                 named = state.weights.receive(req.names, req.dtypes, req.shapes, req.group_name)
             except FieldError:
                 raise
             except Exception as err:
                 raise FieldError(None, f"receiving weights over group {req.group_name!r} failed: {err}") from None
-            return state.weights.apply(named, "names")
+            received_s = time.perf_counter() - start
+            count = state.weights.apply(named, "names")
+            log.info("update_weights_from_distributed: %d tensors, %.1f MB; receive %.2fs, apply %.2fs", count,
+                     sum(t.numel() * t.element_size() for t in named.values()) / 1e6, received_s,
+                     time.perf_counter() - start - received_s)
+            return count
 
         count = await asyncio.to_thread(work)
         return _updated(state, count, req.weight_version)

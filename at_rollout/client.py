@@ -16,7 +16,8 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import requests
 import torch
 
-from .protocol import dtype_name, encode_named_tensors
+from . import tensor_codec
+from .protocol import dtype_name
 
 
 class RolloutError(RuntimeError):
@@ -173,7 +174,7 @@ class RolloutClient:
                                    weight_version: Optional[str] = None, timeout_s: Optional[float] = None) -> dict:
         """Send tensors as one base64 safetensors blob (`load_format: safetensors`); applied all or nothing."""
         named = dict(named_tensors)
-        return self.update_weights_from_serialized([encode_named_tensors(named)], flush_cache, weight_version,
+        return self.update_weights_from_serialized([tensor_codec.encode(named, as_bytes=True)], flush_cache, weight_version,
                                                    timeout_s)
 
     def update_weights_from_serialized(self, blobs: Sequence[str], flush_cache: bool = True,
@@ -188,7 +189,7 @@ class RolloutClient:
         for i, blob in enumerate(blobs):
             parts += [b',"' if i else b'"', blob.encode("ascii") if isinstance(blob, str) else blob, b'"']
         parts.append(b"]," + json.dumps(tail).encode()[1:])
-        return self.request("POST", "/update_weights_from_tensor", data=b"".join(parts), timeout_s=timeout_s).json()
+        return self.request("POST", "/update_weights_from_tensor", data=_Parts(parts), timeout_s=timeout_s).json()
 
     def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
                                   group_name: str = "weight_update_group", backend: str = "nccl",
@@ -212,6 +213,23 @@ class RolloutClient:
 
     def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> dict:
         return self._post("/destroy_weights_update_group", {"group_name": group_name})
+
+
+class _Parts:
+    """A body sent part by part with a known Content-Length (no joined copy of a big blob);
+    iterable again for a retry."""
+
+    def __init__(self, parts):
+        self.parts = [memoryview(p) for p in parts]
+
+    def __len__(self):
+        return sum(p.nbytes for p in self.parts)
+
+    def __iter__(self):
+        chunk = 1 << 20
+        for p in self.parts:
+            for i in range(0, p.nbytes, chunk):
+                yield p[i:i + chunk]
 
 
 def _refused(method: str, url: str, resp: requests.Response) -> RolloutError:

@@ -2,7 +2,7 @@
 
 Request bodies are pydantic models in strict mode with unknown fields forbidden, so a
 typo or a wrong type is a 400 that names the field instead of a silently ignored knob.
-Tensors travel as base64 safetensors: nothing received from the network is unpickled.
+Tensors travel as base64 safetensors (`tensor_codec.py`): nothing received is unpickled.
 
 Field names follow SGLang's `python/sglang/srt/managers/io_struct.py` (GenerateReqInput,
 UpdateWeightsFromTensorReqInput, InitWeightsUpdateGroupReqInput,
@@ -10,8 +10,7 @@ UpdateWeightsFromDistributedReqInput, ...) and `sampling/sampling_params.py` as 
 """
 from __future__ import annotations
 
-import base64
-from typing import Any, Dict, List, Literal, Mapping, Optional, Union
+from typing import Any, Dict, List, Literal, Optional, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -170,28 +169,6 @@ def field_error(err: ValidationError) -> FieldError:
     name = "".join(parts) or None
     what = "unknown field" if best["type"] == "extra_forbidden" else best["msg"]
     return FieldError(name, f"{name or 'body'}: {what}")
-
-
-# ---------------------------------------------------------------- tensors on the wire
-def encode_named_tensors(named: Mapping[str, torch.Tensor], as_bytes: bool = False) -> str | bytes:
-    """base64 of a safetensors blob (CPU, contiguous copies where needed); bytes skip a str copy."""
-    from safetensors.torch import save
-
-    blob = base64.b64encode(save({k: v.detach().to("cpu").contiguous() for k, v in named.items()}))
-    return blob if as_bytes else blob.decode("ascii")
-
-
-def decode_named_tensors(data: str | bytes, where: str = "serialized_named_tensors") -> Dict[str, torch.Tensor]:
-    from safetensors.torch import load
-
-    try:
-        blob = base64.b64decode(data, validate=True)
-    except (ValueError, TypeError) as err:
-        raise FieldError(where, f"{where}: not valid base64 ({err})") from None
-    try:
-        return load(blob)
-    except Exception as err:  # safetensors raises its own SafetensorError
-        raise FieldError(where, f"{where}: not a safetensors blob ({err})") from None
 
 
 # ---------------------------------------------------------------- responses

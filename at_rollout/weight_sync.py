@@ -10,8 +10,8 @@ extra memory is about one bucket. Rank 0 alone talks to the servers:
 Two transports, the two SGLang offers:
 
 - `tensor`: each bucket is one `/update_weights_from_tensor` request carrying a base64
-  safetensors blob (our server; SGLang's own encoding is pickled CUDA IPC handles). The
-  request for bucket k is in flight while the ranks gather bucket k+1.
+  safetensors blob (our server; SGLang's own encoding is pickled CUDA IPC handles). Up to
+  `in_flight` bucket requests travel while the ranks gather and encode the next bucket.
 - `distributed`: each bucket is announced with `/update_weights_from_distributed` and its
   tensors are broadcast from rank 0 over a dedicated weight-update group (gloo on CPU,
   NCCL on GPU; see `dist_group.py`) that leaves the trainer's default group alone.
@@ -37,7 +37,8 @@ import torch.distributed as dist
 
 from .client import RolloutClient, RolloutError
 from .dist_group import create_group, destroy_group, free_port
-from .protocol import dtype_name, encode_named_tensors, parse_dtype
+from . import tensor_codec
+from .protocol import dtype_name, parse_dtype
 
 MB = 1 << 20
 
@@ -95,7 +96,8 @@ class WeightSync:
                  bucket_mb: float = 256, *, backend: Optional[str] = None, master_address: Optional[str] = None,
                  master_port: int = 0, group_name: str = "weight_update_group", engine_ranks: int = 1,
                  timeout_s: float = 300.0, dtype: Optional[torch.dtype | str] = None,
-                 name_map: Callable[[str], Optional[str]] = hf_name, pause_mode: Optional[str] = None):
+                 name_map: Callable[[str], Optional[str]] = hf_name, pause_mode: Optional[str] = None,
+                 in_flight: int = 2):
         if method not in ("tensor", "distributed"):
             raise ValueError(f"rollout.sync_method must be 'tensor' or 'distributed', got {method!r}")
         if bucket_mb <= 0:
@@ -112,6 +114,7 @@ class WeightSync:
         self.dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
         self.name_map = name_map
         self.pause_mode = pause_mode
+        self.in_flight = max(1, in_flight)
         self._group = None
         if _rank() == 0 and not self.clients:
             raise ValueError("WeightSync on rank 0 needs the rollout server client(s)")
@@ -187,8 +190,8 @@ class WeightSync:
                 failure = str(err)
         self._agree(failure)
         stats = SyncStats(0.0, 0, 0, 0)
-        pending: Optional[Future] = None
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weight-sync") if rank0 else None
+        pending: list[Future] = []  # tensor method: bucket posts in flight, oldest first
+        pool = ThreadPoolExecutor(max_workers=self.in_flight, thread_name_prefix="weight-sync") if rank0 else None
         try:
             for bucket in self._buckets(named):
                 failure, blob = None, None
@@ -199,20 +202,25 @@ class WeightSync:
                             stats.tensors += len(tensors)
                             stats.bytes += sum(t.numel() * t.element_size() for _, t in tensors)
                             if self.method == "tensor":
-                                blob = encode_named_tensors(dict(tensors), as_bytes=True)
+                                blob = tensor_codec.encode(dict(tensors), as_bytes=True)
                             else:
                                 self._broadcast_bucket(tensors, weight_version)
                             del tensors
                         except Exception as err:
                             failure = f"{type(err).__name__}: {err}"
                 if rank0 and failure is None and self.method == "tensor":
-                    failure = _result(pending)  # bucket k-1 must have landed before bucket k goes out
-                    pending = pool.submit(self._post_blob, blob, weight_version) if failure is None else None
+                    # At most `in_flight` buckets travel at once: the server decodes one while
+                    # it reads the next, and the ranks gather and encode the one after.
+                    while len(pending) >= self.in_flight and failure is None:
+                        failure = _result(pending.pop(0))
+                    if failure is None:
+                        pending.append(pool.submit(self._post_blob, blob, weight_version))
                 blob = None
                 self._agree(failure)
                 stats.buckets += 1
             if rank0:
-                failure = _result(pending)
+                for fut in pending:
+                    failure = failure or _result(fut)
             self._agree(failure)
             if rank0:
                 for c in self.clients:

@@ -28,6 +28,8 @@ class ServedWeights:
         self.tensors: Dict[str, torch.Tensor] = dict(model.state_dict(keep_vars=True))
         self.device = next(model.parameters()).device
         self.groups: Dict[str, object] = {}
+        self._staging: Optional[torch.Tensor] = None  # receive arena, one bucket large
+        self._receive_lock = threading.Lock()
         self.version: Optional[str] = None
 
     def describe(self) -> Dict[str, dict]:
@@ -95,15 +97,33 @@ class ServedWeights:
         if self.max_bytes is not None and total > self.max_bytes:
             raise FieldError("shapes", f"update of {total} bytes exceeds the limit of {self.max_bytes} bytes", 413)
         device = self.device if self.device.type == "cuda" else torch.device("cpu")
-        received = []
-        for name, (dtype, shape) in zip(names, specs):
-            buf = torch.empty(shape, dtype=dtype, device=device)
-            torch.distributed.broadcast(buf, src=0, group=group)
-            received.append((name, buf))
+        with self._receive_lock:
+            received = []
+            for name, buf in zip(names, self._staging_views(specs, device)):
+                torch.distributed.broadcast(buf, src=0, group=group)
+                received.append((name, buf))
         out = dict(received)  # checked only after receiving, so the sender never blocks on us
+        # (the views point into the arena: `apply` copies them out before the next receive)
         if len(out) != len(received):
             raise FieldError("names", "a weight name appears twice in one update")
         return out
+
+    def _staging_views(self, specs, device) -> list[torch.Tensor]:
+        """Receive buffers carved from one arena kept between updates: a bucket lands in
+        memory that is already mapped (no page faults), and nothing is allocated per tensor."""
+        offsets, total = [], 0
+        for dtype, shape in specs:
+            offsets.append(total)
+            total += -(-math.prod(shape) * torch.empty((), dtype=dtype).element_size() // 64) * 64
+        if self._staging is None or self._staging.numel() < total or self._staging.device != device:
+            self._staging = None
+            self._staging = torch.empty(total, dtype=torch.uint8, device=device)
+        views = []
+        for (dtype, shape), off in zip(specs, offsets):
+            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            views.append(self._staging[off:off + nbytes].view(dtype).view(shape) if nbytes
+                         else torch.empty(shape, dtype=dtype, device=device))
+        return views
 
     def destroy_group(self, group_name: str) -> None:
         group = self.groups.pop(group_name, None)

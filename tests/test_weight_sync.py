@@ -12,7 +12,7 @@ import torch
 from at_rollout.client import RolloutError
 from at_rollout.generator import logprob_temperature
 from at_rollout.process import LocalServer
-from at_rollout.protocol import encode_named_tensors
+from at_rollout import tensor_codec
 from at_rollout.weight_sync import WeightSync
 
 SP = {"max_new_tokens": 12, "temperature": 0.9, "top_p": 0.95, "n": 2, "sampling_seed": 3}
@@ -104,7 +104,7 @@ def test_rejected_tensor_updates_leave_weights_untouched(server, client, model):
             client.update_weights_from_tensor(named)
         assert err.value.status == 400 and err.value.field == "serialized_named_tensors[0]", err.value
         assert name in str(err.value)
-    blob = encode_named_tensors(good)
+    blob = tensor_codec.encode(good)
     for body, field in [
         ({"serialized_named_tensors": [blob]}, "load_format"),
         ({"serialized_named_tensors": ["%%%"], "load_format": "safetensors"}, "serialized_named_tensors[0]"),

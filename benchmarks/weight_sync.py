@@ -1,0 +1,190 @@
+"""Weight sync speed against the transport it runs on, for a random 100M-500M Qwen2 model on CPU.
+
+    python benchmarks/weight_sync.py [--hidden 768 --layers 12 --vocab 32000] [--bucket-mb 256]
+
+For each method, the full sync (pause, flush, every bucket, continue; the server validates
+and applies every tensor) is timed beside the bare transport of the same bytes:
+
+- tensor: one HTTP POST carrying the model's raw bytes to a uvicorn endpoint that reads
+  and drops them (same HTTP stack, no base64, no parsing, no copy into a model);
+- distributed: one gloo broadcast of one flat tensor of the model's size, between this
+  process and a bare torch process (same backend, same loopback).
+
+Target: sync / transport <= 2. Prints a table; the median of `--repeats` runs is reported.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def build_model_dir(out: Path, hidden: int, layers: int, vocab: int) -> tuple[Path, int]:
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from at_core.tiny import SAMPLE_CORPUS
+    from at_core.tiny.model import save_model
+    from at_core.tiny.tokenizer import build_tokenizer
+
+    build_tokenizer(out, SAMPLE_CORPUS * 20, vocab_size=400)
+    tok = AutoTokenizer.from_pretrained(out)
+    heads = max(1, hidden // 64)
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 8 // 3 // 64 * 64,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 4),
+                      max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(cfg)
+    save_model(model, tok, out)
+    return out, sum(p.numel() for p in model.parameters())
+
+
+try:  # at module level: FastAPI resolves the handler's (string) annotation in these globals
+    from starlette.requests import Request as _Request
+except ImportError:  # pragma: no cover
+    _Request = None
+
+
+def discard_server(port_file: str) -> None:
+    """A uvicorn app whose one endpoint reads the whole body and drops it (the HTTP baseline)."""
+    import socket
+
+    import uvicorn
+    from fastapi import FastAPI
+
+    app = FastAPI()
+
+    @app.post("/discard")
+    async def discard(request: _Request):
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+        return {"bytes": size}
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    Path(port_file).write_text(str(sock.getsockname()[1]))
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+
+
+def gloo_receiver(port: int, numel: int, repeats: int) -> None:
+    """Rank 1 of a bare gloo pair: receive `repeats` broadcasts of a flat fp32 tensor."""
+    import torch
+
+    from at_rollout.dist_group import create_group
+
+    group = create_group("gloo", "127.0.0.1", port, 1, 2, "bench", 120)
+    buf = torch.empty(numel)
+    for _ in range(repeats + 1):
+        torch.distributed.broadcast(buf, src=0, group=group)
+
+
+def _wait_file(path: Path, proc, timeout: float = 120) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.is_file() and path.read_text():
+            return path.read_text()
+        if proc.poll() is not None:
+            raise RuntimeError("helper process died")
+        time.sleep(0.1)
+    raise TimeoutError(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--hidden", type=int, default=768)
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--bucket-mb", type=float, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--discard-server", help=argparse.SUPPRESS)
+    ap.add_argument("--gloo-receiver", nargs=3, type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.discard_server:
+        return discard_server(args.discard_server)
+    if args.gloo_receiver:
+        return gloo_receiver(*args.gloo_receiver)
+
+    import requests
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from at_rollout.dist_group import create_group, free_port
+    from at_rollout.process import LocalServer
+    from at_rollout.weight_sync import WeightSync
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_ws_"))
+    model_dir, n_params = build_model_dir(tmp / "model", args.hidden, args.layers, args.vocab)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    print(f"model: {n_params / 1e6:.0f}M parameters, {nbytes / 2**20:.0f} MiB fp32; bucket {args.bucket_mb} MB; "
+          f"median of {args.repeats}", flush=True)
+    rows = []
+    with LocalServer(model_dir, log_file=tmp / "server.log") as server:
+        client = server.client(timeout_s=600)
+        # --- tensor path vs one raw HTTP request
+        sync = WeightSync(client, "tensor", args.bucket_mb)
+        sync.sync(model)  # warm-up
+        t_sync = statistics.median(sync.sync(model).seconds for _ in range(args.repeats))
+        port_file = tmp / "discard.port"
+        helper = subprocess.Popen([sys.executable, __file__, "--discard-server", str(port_file)])
+        try:
+            url = f"http://127.0.0.1:{_wait_file(port_file, helper)}/discard"
+            payload = bytes(nbytes)
+            while True:
+                try:
+                    requests.post(url, data=b"x", timeout=5)
+                    break
+                except requests.ConnectionError:
+                    time.sleep(0.2)
+            times = []
+            for _ in range(args.repeats + 1):
+                t = time.perf_counter()
+                assert requests.post(url, data=payload, timeout=600).json()["bytes"] == nbytes
+                times.append(time.perf_counter() - t)
+            t_http = statistics.median(times[1:])
+            del payload
+        finally:
+            helper.kill()
+        rows.append(("tensor (HTTP, base64 safetensors)", t_sync, "one HTTP POST of the raw bytes", t_http))
+
+        # --- distributed path vs one flat gloo broadcast
+        sync = WeightSync(client, "distributed", args.bucket_mb, timeout_s=600)
+        sync.connect()
+        sync.sync(model)
+        t_sync = statistics.median(sync.sync(model).seconds for _ in range(args.repeats))
+        sync.close()
+        port = free_port()
+        numel = nbytes // 4
+        helper = subprocess.Popen([sys.executable, __file__, "--gloo-receiver", str(port), str(numel),
+                                   str(args.repeats)])
+        try:
+            group = create_group("gloo", "127.0.0.1", port, 0, 2, "bench", 120)
+            flat = torch.randn(numel)
+            times = []
+            for _ in range(args.repeats + 1):
+                t = time.perf_counter()
+                torch.distributed.broadcast(flat, src=0, group=group)
+                times.append(time.perf_counter() - t)
+            helper.wait(120)
+            t_flat = statistics.median(times[1:])
+        finally:
+            helper.kill()
+        rows.append(("distributed (gloo broadcast)", t_sync, "one flat gloo broadcast", t_flat))
+
+    print("\n| method | sync s | GB/s | baseline | baseline s | sync / baseline |")
+    print("|---|---|---|---|---|---|")
+    for name, ts, base, tb in rows:
+        print(f"| {name} | {ts:.2f} | {nbytes / ts / 1e9:.2f} | {base} | {tb:.2f} | {ts / tb:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
