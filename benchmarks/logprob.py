@@ -170,17 +170,19 @@ def child(args) -> None:
 
     if small is not None:  # builds/loads the kernel and warms code paths outside the timing
         run(small[0], small[1])
-    times, peak = [], 0
+    times, cpu_times, peak = [], [], 0
     for i in range(args.repeats):
         clear()
         with Peak() as pk:
             sync()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             run()
             sync()
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
         peak = max(peak, pk.extra_bytes)
-    print(json.dumps({"time_s": min(times), "times": times, "peak_bytes": peak, "grad_bytes": grad_bytes}))
+    print(json.dumps({"time_s": min(times), "times": times, "cpu_s": min(cpu_times),
+                      "peak_bytes": peak, "grad_bytes": grad_bytes}))
 
 
 # ------------------------------------------------------------------------------------------
@@ -204,12 +206,11 @@ def _gib(b: float) -> str:
 
 
 def _table(args, table: str, methods: list[str]) -> list[str]:
-    lines = []
-    head = (f"| dtype | method | time (s) | x naive speed | peak extra (GiB) | beyond grad (GiB) "
-            f"| beyond grad / naive |")
-    if args.device == "cuda":
-        head += " GB/s |"
-    lines += [head, "|" + "---|" * (head.count("|") - 1)]
+    cuda = args.device == "cuda"
+    cols = ["dtype", "method", "time (s)", "x naive"]
+    cols += ["GB/s"] if cuda else ["cpu time (s)", "x naive (cpu)"]
+    cols += ["peak extra (GiB)", "beyond grad (GiB)", "beyond grad / naive"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     print("\n".join(lines), flush=True)
     for dtype in args.dtypes:
         res = {m: _measure(args, table, m, dtype) for m in methods}
@@ -217,23 +218,23 @@ def _table(args, table: str, methods: list[str]) -> list[str]:
         for m in methods:
             r = res[m]
             if "error" in r:
-                lines.append(f"| {dtype} | {m} | error: {r['error'][:80]} |")
+                lines.append(f"| {dtype} | {m} | error: {r['error'][:100]} |")
+                print(lines[-1], flush=True)
                 continue
             beyond = max(r["peak_bytes"] - r["grad_bytes"], 0)
-            row = f"| {dtype} | {m} | {r['time_s']:.3f} | "
-            if "time_s" in base:
-                base_beyond = max(base["peak_bytes"] - base["grad_bytes"], 1)
-                row += (f"{base['time_s'] / r['time_s']:.2f}x | {_gib(r['peak_bytes'])} | "
-                        f"{_gib(beyond)} | {100 * beyond / base_beyond:.1f}% |")
+            ok = "time_s" in base
+            row = [dtype, m, f"{r['time_s']:.3f}", f"{base['time_s'] / r['time_s']:.2f}x" if ok else "-"]
+            if cuda and table == "logits":
+                traffic = 3 * args.T * args.V * (4 if dtype == "fp32" else 2)  # read x2, write x1
+                row.append(f"{traffic / r['time_s'] / 1e9:.0f}")
+            elif cuda:
+                row.append("-")
             else:
-                row += f"- | {_gib(r['peak_bytes'])} | {_gib(beyond)} | - |"
-            if args.device == "cuda" and table == "logits":
-                elt = 4 if dtype == "fp32" else 2
-                traffic = 3 * args.T * args.V * elt  # read logits twice, write the gradient
-                row += f" {traffic / r['time_s'] / 1e9:.0f} |"
-            elif args.device == "cuda":
-                row += " - |"
-            lines.append(row)
+                row += [f"{r['cpu_s']:.3f}", f"{base['cpu_s'] / r['cpu_s']:.2f}x" if ok else "-"]
+            base_beyond = max(base.get("peak_bytes", 0) - base.get("grad_bytes", 0), 1)
+            row += [_gib(r["peak_bytes"]), _gib(beyond),
+                    f"{100 * beyond / base_beyond:.1f}%" if ok else "-"]
+            lines.append("| " + " | ".join(row) + " |")
             print(lines[-1], flush=True)
     return lines
 
@@ -258,7 +259,7 @@ def main(argv=None) -> None:
     p.add_argument("--V", type=int, default=151936, help="vocabulary (Qwen2.5: 151936)")
     p.add_argument("--H", type=int, default=1536, help="hidden size for the fused lm_head table")
     p.add_argument("--dtypes", default="fp32,bf16")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--hidden-table", choices=["auto", "yes", "no"], default="auto",
@@ -292,7 +293,9 @@ def main(argv=None) -> None:
     mem = "torch.cuda.max_memory_allocated" if args.device == "cuda" else \
         "peak RSS (VmHWM after /proc/self/clear_refs) above the pre-call RSS, fresh process per row"
     print(f"# Log-prob forward+backward, T={args.T}, V={args.V}, {args.device}: {_machine(args.device)}")
-    print(f"# time: best of {args.repeats}; memory: {mem}\n")
+    print(f"# time: wall clock, best of {args.repeats}" + ("" if args.device == "cuda" else
+          "; cpu time: user+system of the process (all threads), best of the same runs"))
+    print(f"# memory: {mem}\n")
     _table(args, "logits", methods)
     if args.hidden_table == "yes" or (args.hidden_table == "auto" and args.device == "cuda"):
         print(f"\n# Fused lm_head (hidden [T, {args.H}] in; 'beyond grad' excludes the hidden and weight grads)\n")
