@@ -29,6 +29,7 @@ setup(
         "fastapi>=0.110",
         "uvicorn>=0.29",
         "requests>=2.31",
+        "pybase64>=1.3",  # SIMD base64 for weight sync request bodies
         "ninja>=1.11",
     ],
     extras_require={
