@@ -81,9 +81,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     setup_logging()
+    from at_core.prompts import ChatTemplateError
     from at_core.trainer import train
+    from at_rollout.client import RolloutError
 
-    train(cfg, problems, cfg.model.path)
+    try:
+        train(cfg, problems, cfg.model.path)
+    except (ChatTemplateError, RolloutError, ConfigError, DataError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)  # checkpoints written so far stay valid for --resume auto
+        return 2
     return 0
 
 

@@ -97,3 +97,31 @@ def test_data_file_without_configured_field(tiny_model_dir, tmp_path):
                            f"data.train_files=[{bad}]"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert str(bad) in proc.stderr and "problem" in proc.stderr
+
+
+def test_model_directory_without_chat_template(tiny_model_dir, tmp_path):
+    import shutil
+
+    bare = tmp_path / "no_template"
+    shutil.copytree(tiny_model_dir, bare)
+    conf = json.loads((bare / "tokenizer_config.json").read_text())
+    conf.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(conf))
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run([sys.executable, "-m", "at_core.train", "--model-path", str(bare), "--out",
+                           str(tmp_path / "run")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "chat template" in proc.stderr and "no_template" in proc.stderr
+
+
+def test_unreachable_rollout_server_names_the_url(tiny_model_dir, tmp_path):
+    from helpers import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run([sys.executable, "-m", "at_core.train", "--model-path", str(tiny_model_dir), "--out",
+                           str(tmp_path / "run"), f"rollout.urls=[{url}]", "rollout.startup_timeout_s=3"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 2
+    assert url in proc.stderr
