@@ -56,6 +56,20 @@ def test_two_rank_run(tiny_model_dir, tmp_path):
     assert [s[:2] for s in _steps(out)] == [("1", 1), ("1", 2)]
 
 
+@pytest.mark.timeout(600)
+def test_two_rank_run_under_the_deepspeed_launcher(tiny_model_dir, tmp_path):
+    from helpers import free_port
+
+    out = tmp_path / "run_ds"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+           "at_core/train.py", "--model-path", str(tiny_model_dir), "--out", str(out), *SMALL,
+           "stage.1.steps=1", "stage.3.steps=0"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert [s[:2] for s in _steps(out)] == [("1", 1)]
+
+
 @pytest.mark.timeout(900)
 def test_sigkill_mid_run_then_resume_auto(tiny_model_dir, tmp_path):
     steps = ["stage.1.steps=3", "stage.3.steps=2"]
