@@ -195,9 +195,9 @@ def _compiled(kind: str) -> Kernels:
                 _built[kind] = exc
         got = _built[kind]
     if isinstance(got, Exception):
-        raise RuntimeError(
-            f"at_core.logprob: the {kind} kernel ({CSRC}) is unavailable: {got}"
-        ) from got
+        why = str(got).strip()  # a failed build carries the whole compiler log: keep its end
+        why = why if len(why) < 2000 else "..." + why[-2000:]
+        raise RuntimeError(f"at_core.logprob: the {kind} kernel ({CSRC}) is unavailable: {why}") from got
     return got
 
 
@@ -210,12 +210,11 @@ def resolve_backend(device: Union[torch.device, str], backend: Optional[str] = N
     that cannot be built, or that does not serve the device, is an error.
     """
     device = torch.device(device)
+    source = "backend" if backend else ENV_BACKEND
     choice = (backend or os.environ.get(ENV_BACKEND, "") or "auto").strip().lower()
     if choice not in ("auto",) + BACKENDS:
-        raise ValueError(
-            f"{ENV_BACKEND}={choice!r} is not a log-prob backend; expected one of "
-            f"{', '.join(BACKENDS)} (or unset for automatic)"
-        )
+        raise ValueError(f"{source}={choice!r} is not a log-prob backend; expected one of "
+                         f"{', '.join(BACKENDS)} (or unset for automatic)")
     native = {"cpu": "cpp", "cuda": "cuda"}.get(device.type)
     if choice == "torch" or (choice == "auto" and native is None):
         return TORCH_KERNELS
@@ -233,10 +232,8 @@ def resolve_backend(device: Union[torch.device, str], backend: Optional[str] = N
                 )
             return TORCH_KERNELS
     if choice != native:
-        raise RuntimeError(
-            f"{ENV_BACKEND}={choice} cannot serve {device.type} tensors "
-            f"(they take {native or 'torch'}, or torch)"
-        )
+        raise RuntimeError(f"{source}={choice} cannot serve {device.type} tensors "
+                           f"(they take {native or 'torch'}, or torch)")
     return _compiled(choice)
 
 
@@ -253,10 +250,8 @@ def _check_targets(targets: torch.Tensor, V: int) -> torch.Tensor:
         bad = (targets < 0) | (targets >= V)
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
-            raise IndexError(
-                f"token_logprobs: targets[{i}] = {int(targets[i])} is outside the vocabulary "
-                f"[0, {V})"
-            )
+            raise IndexError(f"token_logprobs: targets[{i}] = {int(targets[i])} is outside "
+                             f"the vocabulary [0, {V})")
     return targets
 
 
@@ -369,27 +364,16 @@ class _LinearLogprobFn(torch.autograd.Function):
         n_chunks = -(-T // chunk)
         # Several chunks of bf16 matmuls summed in bf16 would round once per chunk.
         w_acc = weight.dtype if n_chunks <= 1 else _acc_dtype(weight.dtype)
-        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_h = hidden.new_empty(hidden.shape) if need_h else None  # contiguous
         grad_w = torch.zeros(weight.shape, dtype=w_acc, device=weight.device) if need_w else None
-        grad_b = (
-            torch.zeros(bias.shape, dtype=_acc_dtype(bias.dtype), device=bias.device)
-            if need_b
-            else None
-        )
+        grad_b = bias.new_zeros(bias.shape, dtype=_acc_dtype(bias.dtype)) if need_b else None
         for s in range(0, T, chunk):
             e = min(T, s + chunk)
             h = hidden[s:e]
             g = F.linear(h, weight, bias)  # recomputed logits, overwritten by their gradient
-            ctx.kernels.backward(
-                g,
-                targets[s:e],
-                lse[s:e],
-                ent[s:e] if with_entropy else ent,
-                grad_lp[s:e],
-                grad_ent[s:e] if with_entropy else grad_ent,
-                ctx.temperature,
-                g,
-            )
+            ent_c, g_ent_c = (ent[s:e], grad_ent[s:e]) if with_entropy else (ent, grad_ent)
+            ctx.kernels.backward(g, targets[s:e], lse[s:e], ent_c, grad_lp[s:e], g_ent_c,
+                                 ctx.temperature, g)
             if need_h:
                 torch.mm(g, weight, out=grad_h[s:e])
             if need_w:

@@ -209,7 +209,7 @@ def _table(args, table: str, methods: list[str]) -> list[str]:
     cuda = args.device == "cuda"
     cols = ["dtype", "method", "time (s)", "x naive"]
     cols += ["GB/s"] if cuda else ["cpu time (s)", "x naive (cpu)"]
-    cols += ["peak extra (GiB)", "beyond grad (GiB)", "beyond grad / naive"]
+    cols += ["peak extra (GiB)", "beyond grad (MiB)", "beyond grad / naive"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     print("\n".join(lines), flush=True)
     for dtype in args.dtypes:
@@ -232,7 +232,7 @@ def _table(args, table: str, methods: list[str]) -> list[str]:
             else:
                 row += [f"{r['cpu_s']:.3f}", f"{base['cpu_s'] / r['cpu_s']:.2f}x" if ok else "-"]
             base_beyond = max(base.get("peak_bytes", 0) - base.get("grad_bytes", 0), 1)
-            row += [_gib(r["peak_bytes"]), _gib(beyond),
+            row += [_gib(r["peak_bytes"]), f"{beyond / 2**20:.0f}",
                     f"{100 * beyond / base_beyond:.1f}%" if ok else "-"]
             lines.append("| " + " | ".join(row) + " |")
             print(lines[-1], flush=True)
