@@ -22,7 +22,7 @@ from .generator import Generator, SamplingParams
 from .protocol import (
     DestroyWeightsUpdateGroupRequest, EmptyRequest, FieldError, GenerateRequest, InitWeightsUpdateGroupRequest,
     MemoryOccupationRequest, PauseRequest, SamplingParamsIn, UpdateWeightsFromDistributedRequest,
-    UpdateWeightsFromTensorRequest, dtype_name, field_error, sample_to_json,
+    UpdateWeightsFromTensorRequest, dtype_name, field_error, lift_long_strings, sample_to_json,
 )
 from . import tensor_codec
 from .scheduler import Scheduler
@@ -211,7 +211,8 @@ def create_app(state: ServerState) -> FastAPI:
         read_s = time.perf_counter() - start
 
         def work():  # off the event loop, which meanwhile reads the next bucket's body
-            req = _parse(UpdateWeightsFromTensorRequest, body)
+            skeleton, lifted = lift_long_strings(body)
+            req = _parse(UpdateWeightsFromTensorRequest, skeleton)
             if req.load_format != "safetensors":
                 raise FieldError("load_format", "load_format must be 'safetensors' (base64 safetensors blobs); "
                                                 f"this server never unpickles, got {req.load_format!r}")
@@ -219,7 +220,7 @@ def create_app(state: ServerState) -> FastAPI:
             for i, blob in enumerate(req.serialized_named_tensors):
                 where = f"serialized_named_tensors[{i}]"
                 try:
-                    decoded = tensor_codec.decode(blob)
+                    decoded = tensor_codec.decode(lifted.get(blob, blob))
                 except tensor_codec.CodecError as err:
                     raise FieldError(where, f"{where}: {err}") from None
                 for name, t in decoded.items():

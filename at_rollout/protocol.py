@@ -192,3 +192,51 @@ def sample_to_json(sample: Sample, rid: str, return_logprob: bool, tokenizer=Non
     if sample.text is not None:
         out["text"] = sample.text
     return out
+
+
+# ---------------------------------------------------------------- big strings
+def lift_long_strings(body: bytes, min_len: int = 1 << 16) -> tuple[bytes, Dict[str, memoryview]]:
+    """Cut long JSON strings without escapes out of `body` before parsing it.
+
+    A weight update is a few hundred MB of base64 inside JSON strings; parsing them would
+    copy and UTF-8-check every byte only for base64 to read them again. Each such string
+    is replaced by a short unique placeholder string and returned as a view into `body`.
+    The skeleton is still parsed and validated as usual; the lifted views are checked by
+    the base64 decoder. Malformed JSON is left for the parser to report.
+    """
+    import secrets
+
+    tag = f"\u0000{secrets.token_hex(8)}:"
+    view = memoryview(body)
+    pieces, lifted = [], {}
+    pos = i = 0
+    while True:
+        start = body.find(b'"', i)
+        if start < 0:
+            break
+        end = body.find(b'"', start + 1)
+        while end > 0:  # skip escaped quotes: an odd run of backslashes before the quote
+            k = end - 1
+            while body[k] == 0x5C:
+                k -= 1
+            if (end - 1 - k) % 2 == 0:
+                break
+            end = body.find(b'"', end + 1)
+        if end < 0:
+            break
+        if end - start - 1 >= min_len and body.find(b"\\", start + 1, end) < 0:
+            key = f"{tag}{len(lifted)}"
+            pieces += [view[pos:start], json_string(key)]
+            lifted[key] = view[start + 1:end]
+            pos = end + 1
+        i = end + 1
+    if not lifted:
+        return body, {}
+    pieces.append(view[pos:])
+    return b"".join(pieces), lifted
+
+
+def json_string(text: str) -> bytes:
+    import json
+
+    return json.dumps(text).encode()

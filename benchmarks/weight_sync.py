@@ -85,6 +85,7 @@ def gloo_receiver(port: int, numel: int, repeats: int) -> None:
     buf = torch.empty(numel)
     for _ in range(repeats + 1):
         torch.distributed.broadcast(buf, src=0, group=group)
+    torch.distributed.destroy_process_group(group)
 
 
 def _wait_file(path: Path, proc, timeout: float = 120) -> str:
@@ -176,6 +177,7 @@ def main() -> None:
                 times.append(time.perf_counter() - t)
             helper.wait(120)
             t_flat = statistics.median(times[1:])
+            torch.distributed.destroy_process_group(group)
         finally:
             helper.kill()
         rows.append(("distributed (gloo broadcast)", t_sync, "one flat gloo broadcast", t_flat))
