@@ -181,3 +181,23 @@ def test_tensor_codec_round_trip_is_standard_safetensors():
     assert all(torch.equal(decoded[k], v) for k, v in named.items())
     with pytest.raises(tensor_codec.CodecError):
         tensor_codec.decode("not base64 at all!")
+
+
+def test_long_strings_are_lifted_only_when_plain():
+    import json
+
+    from at_rollout.protocol import lift_long_strings
+
+    body = json.dumps({"a": "x" * 50, "b": ["y" * 50, "short", 'q\\"' + "z" * 50], "c": 'he said "hi"'}).encode()
+    skeleton, lifted = lift_long_strings(body, min_len=40)
+    parsed = json.loads(skeleton)
+    assert [bytes(lifted[parsed["a"]]), bytes(lifted[parsed["b"][0]])] == [b"x" * 50, b"y" * 50]
+    assert parsed["b"][1:] == ["short", 'q\\"' + "z" * 50] and parsed["c"] == 'he said "hi"'  # escapes untouched
+    assert lift_long_strings(b'{"a": "unterminated', min_len=4) == (b'{"a": "unterminated', {})
+
+
+def test_truncated_weight_update_is_a_400(server):
+    blob = tensor_codec.encode({"lm_head.weight": torch.zeros(2)})
+    r = requests.post(server.url + "/update_weights_from_tensor", timeout=30,
+                      data=b'{"load_format": "safetensors", "serialized_named_tensors": ["' + blob.encode() + b'"')
+    assert r.status_code == 400 and "malformed JSON" in r.json()["message"]
