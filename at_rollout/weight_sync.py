@@ -90,6 +90,8 @@ class WeightSync:
 
     `clients` is the server(s) on rank 0 and None on the other ranks. `engine_ranks` is the
     number of GPUs per server (SGLang's tp_size) for the distributed group's world size.
+    `dtype` is what tensors are cast to before sending; by default the dtype the server
+    reports in /model_info (ours does; SGLang does not: then the trainer's own dtype).
     """
 
     def __init__(self, clients: RolloutClient | Sequence[RolloutClient] | None, method: str = "tensor",
@@ -115,6 +117,7 @@ class WeightSync:
         self.name_map = name_map
         self.pause_mode = pause_mode
         self.in_flight = max(1, in_flight)
+        self._asked_dtype = False
         self._group = None
         if _rank() == 0 and not self.clients:
             raise ValueError("WeightSync on rank 0 needs the rollout server client(s)")
@@ -183,6 +186,10 @@ class WeightSync:
         failure: Optional[str] = None
         if rank0:
             try:
+                if self.dtype is None and not self._asked_dtype:  # the served dtype, if the server says
+                    served = self.clients[0].model_info().get("dtype")
+                    self.dtype = parse_dtype(served) if served else None
+                    self._asked_dtype = True
                 for c in self.clients:
                     c.pause_generation(self.pause_mode)
                     c.flush_cache()
@@ -243,7 +250,9 @@ class WeightSync:
     def _buckets(self, named) -> Iterator[list[tuple[str, torch.nn.Parameter]]]:
         bucket, size = [], 0
         for name, p in named:
-            nbytes = full_numel(p) * (self.dtype.itemsize if self.dtype is not None else p.element_size())
+            # Sized by the trainer's own dtype, which every rank knows: the bucket boundaries
+            # must agree across ranks, since each bucket is one collective gather.
+            nbytes = full_numel(p) * p.element_size()
             if bucket and size + nbytes > self.bucket_bytes:
                 yield bucket
                 bucket, size = [], 0

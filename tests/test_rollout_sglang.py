@@ -149,6 +149,7 @@ def test_sync_protocol_order_pause_flush_buckets_continue(stand_in):
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
     stats = WeightSync(RolloutClient(url), "tensor", bucket_mb=0.02).sync(model)
     paths = [p for p, _, _ in log]
-    assert paths[:2] == ["/pause_generation", "/flush_cache"] and paths[-1] == "/continue_generation"
-    assert paths[2:-1] == ["/update_weights_from_tensor"] * stats.buckets and stats.buckets == 2
+    assert paths[:3] == ["/model_info", "/pause_generation", "/flush_cache"]  # the served dtype, asked once
+    assert paths[-1] == "/continue_generation"
+    assert paths[3:-1] == ["/update_weights_from_tensor"] * stats.buckets and stats.buckets == 2
     assert stats.tensors == 4

@@ -3,6 +3,7 @@ all-or-nothing rejection of bad updates, and recovery after the server dies."""
 from __future__ import annotations
 
 import base64
+import copy
 import time
 
 import pytest
@@ -201,3 +202,19 @@ def test_truncated_weight_update_is_a_400(server):
     r = requests.post(server.url + "/update_weights_from_tensor", timeout=30,
                       data=b'{"load_format": "safetensors", "serialized_named_tensors": ["' + blob.encode() + b'"')
     assert r.status_code == 400 and "malformed JSON" in r.json()["message"]
+
+
+@pytest.mark.timeout(120)
+def test_fp32_trainer_into_a_bf16_server_casts_to_the_served_dtype(tiny_model_dir, tmp_path, model):
+    with LocalServer(tiny_model_dir, extra_args=["--dtype", "bfloat16"], log_file=tmp_path / "bf16.log") as srv:
+        client = srv.client(timeout_s=60)
+        assert client.model_info()["dtype"] == "bfloat16"
+        perturb(model, 5)
+        reference = copy.deepcopy(model).to(torch.bfloat16)  # what the server should serve after the sync
+        before = max_diff(client, reference)
+        for method in ("tensor", "distributed"):
+            sync = WeightSync(client, method, bucket_mb=0.05, timeout_s=20)
+            sync.sync(model)  # fp32 weights, cast on the way
+            sync.close()
+            after = max_diff(client, reference)
+            assert after < 0.05 < before, (method, before, after)
