@@ -12,7 +12,7 @@ from at_core.tiny.task import TIERS, generate, generate_all, parse, split_key, s
 from at_reward.autothink import detect_mode
 from at_reward.math import grade
 
-EQUATION = re.compile(r"(?<![\d*+])(\d+)([*+])(\d+)=(\d+)")
+EQUATION = re.compile(r"(?<![\d*+-])(\d+)([*+-])(\d+)=(\d+)")
 COUNTING = re.compile(r"counting up from (\d+): ([\d, ]+)\.")
 
 
@@ -43,11 +43,15 @@ def test_tiers_are_distinct_and_readable_from_text():
         problems = generate(tier, 500, seed=1)
         assert all(tier_of(p.problem) == tier == p.tier for p in problems)
         assert all(parse(p.problem).value == p.answer and isinstance(p.answer, int) for p in problems)
-        shapes = {(parse(p.problem).op, tuple(sorted((len(str(parse(p.problem).a)), len(str(parse(p.problem).b))))))
-                  for p in problems}
-        assert shapes == {"easy": {("+", (1, 2))}, "medium": {("*", (1, 1))}, "hard": {("*", (1, 3))}}[tier]
-        if tier == "hard":
-            assert all("0" not in str(max(parse(p.problem).a, parse(p.problem).b)) for p in problems)
+        ops = {parse(p.problem).op for p in problems}
+        digits = {len(str(parse(p.problem).a)) for p in problems if parse(p.problem).op != "-"}
+        if tier == "easy":
+            assert ops == {"+", "-"} and digits == {1}
+        elif tier == "medium":
+            assert ops == {"*"} and digits == {1}
+        else:
+            assert ops == {"*"} and digits == {2}
+            assert all(parse(p.problem).a % 10 and parse(p.problem).b % 10 for p in problems)
         assert len({p.problem.split(" ")[0] for p in problems}) >= 3  # several wordings
     interleaved = generate_all(5, seed=0)
     assert [p.tier for p in interleaved[:3]] == list(TIERS)
@@ -57,26 +61,25 @@ def _check_trace(problem):
     """Re-derive every step of the teacher's trace; returns the number of steps checked."""
     trace = teacher.think_trace(problem)
     arith = parse(problem.problem)
-    lines = trace.splitlines()
     steps = 0
-    for x, op, y, z in EQUATION.findall("\n".join(lines[:-1])):  # the last line restates
+    body = trace.splitlines()[:-1]  # the last line restates the result
+    for x, op, y, z in EQUATION.findall("\n".join(body)):
         x, y, z = int(x), int(y), int(z)
-        assert (x + y if op == "+" else x * y) == z, (problem.problem, trace)
-        assert op == "+" or (x < 10 and y < 10), trace  # products are single-digit facts
-        assert op == "*" or min(x, y) < 10, trace  # sums add a one-digit number
+        assert {"+": x + y, "-": x - y, "*": x * y}[op] == z, (problem.problem, trace)
+        assert op != "*" or (x < 10 and y < 10), trace  # products are single-digit facts
         steps += 1
     for start, numbers in COUNTING.findall(trace):
         seq = [int(n) for n in numbers.split(", ")]
-        assert seq == list(range(int(start) + 1, int(start) + 1 + len(seq))) and seq[-1] == arith.value, trace
+        assert seq == list(range(int(start) + 1, int(start) + 1 + len(seq))), trace
+        assert seq[-1] == max(arith.a, arith.value)
         steps += len(seq)
-    a, b = sorted((arith.a, arith.b), reverse=True) if arith.tier == "hard" else (arith.a, arith.b)
-    assert lines[-1] == f"So {a}{arith.op}{b}={arith.value}."
-    if arith.tier == "hard":  # long multiplication: each carry comes from the line above
-        values = [int(line.split("=")[1]) for line in lines[1:-1]]
-        assert [lines[1 + i].split("*")[0] for i in (0, 1, 3)] == list(reversed(str(a)))
-        for i in (2, 4):
-            assert lines[1 + i].split("+")[1].split("=")[0] == str(values[i - 2] // 10)
-        assert int(f"{values[4]}{values[2] % 10}{values[0] % 10}") == arith.value
+    assert trace.splitlines()[-1] == f"So {arith.a}{arith.op}{arith.b}={arith.value}."
+    if arith.tier == "hard":  # the answer is assembled from the columns' lines
+        lines = trace.splitlines()[1:-1]
+        units, tens, lead = (int(lines[i].split("=")[1]) for i in (0, 4, 6))
+        assert int(f"{lead}{tens % 10}{units % 10}") == arith.value
+        assert lines[4].split("+")[1].split("=")[0] == str(units // 10)
+        assert lines[6].split("+")[1].split("=")[0] == str(tens // 10)
     return steps
 
 
