@@ -271,9 +271,9 @@ class Generator:
             if bool(done.any()):
                 for b in done.nonzero().flatten().tolist():
                     r = int(active[b])
-                    if r not in finish:
-                        finish[r] = ({"type": "stop", "matched": int(tok[b])} if bool(hit_stop[b])
-                                     else {"type": "length", "length": step})
+                    if r not in finish:  # length first, as SGLang checks it
+                        finish[r] = ({"type": "length", "length": step} if step >= rows.limit[r]
+                                     else {"type": "stop", "matched": int(tok[b])})
                 live = live & ~done
                 dead = int((~live).sum())
                 if dead == live.numel():
