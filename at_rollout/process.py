@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -165,6 +166,7 @@ class LocalServer(ManagedServer):
         while time.monotonic() < deadline:
             if self._port_file.is_file():
                 self.port = int(self._port_file.read_text())
+                shutil.rmtree(self._port_file.parent, ignore_errors=True)
                 return
             if self.proc.poll() is not None:
                 raise RolloutError(f"server process exited with code {self.proc.returncode}")
