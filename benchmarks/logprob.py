@@ -94,7 +94,8 @@ def _logits_methods(torch, device):
         try:
             from liger_kernel.transformers import LigerCrossEntropyLoss
 
-            ce = LigerCrossEntropyLoss(reduction="none")
+            # reduction="sum": Liger computes its gradient in forward for a scalar loss
+            ce = LigerCrossEntropyLoss(reduction="sum")
             methods["liger"] = lambda x, t: -ce(x, t)
         except ImportError:
             pass

@@ -350,7 +350,7 @@ def test_lm_head_under_zero3_matches_plain_path(tiny_model_dir, tmp_path):
         assert "lm_head_token_logprobs" in r["outside_error"]
         for key in ("lp", "lm_head", "hidden", "embed"):
             fused, plain = r["fused"][key], r["plain"][key]
-            assert rel_err(fused, plain) <= 1e-5, (tied, key)
+            assert rel_err(fused, plain) <= 2e-6, (tied, key)
         # the tied case shares one parameter; the untied one must not
         assert torch.equal(r["fused"]["lm_head"], r["fused"]["embed"]) == (tied == "tied")
 
