@@ -13,7 +13,7 @@ from typing import List, Sequence
 import torch
 
 from at_core import attention  # noqa: F401  (registers the packed attention implementation)
-from at_core.logprob import token_logprobs
+from at_core.logprob import lm_head_token_logprobs
 
 
 @dataclass
@@ -93,8 +93,9 @@ def packed_logprobs(model, batch: PackedBatch, temperature: float = 1.0, with_en
                     chunk: int = 4096):
     """Per-token log-probs (and entropies) of the response tokens of a packed micro-batch.
 
-    Only the response positions go through the lm_head, chunk by chunk, so the `[T, V]`
-    logits of the whole micro-batch never exist at once. `model` is an HF causal LM (or the
+    Only the response positions go through the lm_head, in the fused kernel, chunk by chunk,
+    so the `[T, V]` logits of the micro-batch never exist at once; the entropy is
+    differentiable (the entropy bonus trains through it). `model` is an HF causal LM (or the
     DeepSpeed engine's module): calling its submodules keeps ZeRO-3's gather hooks in play.
     """
     backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.model
@@ -103,15 +104,9 @@ def packed_logprobs(model, batch: PackedBatch, temperature: float = 1.0, with_en
     hidden = backbone(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
                       **varlen).last_hidden_state
     hidden = hidden[0].index_select(0, batch.logit_index)
-    logps, ents = [], []
-    for s in range(0, hidden.shape[0], chunk):
-        logits = model.lm_head(hidden[s : s + chunk])
-        logps.append(token_logprobs(logits, batch.targets[s : s + chunk], temperature))
-        if with_entropy:  # differentiable (the entropy bonus), bounded by the chunk
-            logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)
-            ents.append(-(logp_all.exp() * logp_all).sum(-1))
-    logp = torch.cat(logps) if logps else hidden.new_zeros(0, dtype=torch.float32)
-    ent = (torch.cat(ents) if ents else hidden.new_zeros(0, dtype=torch.float32)) if with_entropy else None
+    out = lm_head_token_logprobs(model.lm_head, hidden, batch.targets, temperature, chunk,
+                                 return_entropy=with_entropy)
+    logp, ent = out if with_entropy else (out, None)
     return logp, ent
 
 
