@@ -274,8 +274,8 @@ def create_app(state: ServerState) -> FastAPI:
             except Exception as err:
                 raise FieldError(None, f"receiving weights over group {req.group_name!r} failed: {err}") from None
             received_s = time.perf_counter() - start
-            count = state.weights.apply(named, "names")
-            log.info("update_weights_from_distributed: %d tensors, %.1f MB; receive %.2fs, apply %.2fs", count,
+            count = state.weights.swap_in(named)
+            log.info("update_weights_from_distributed: %d tensors, %.1f MB; receive %.2fs, swap in %.2fs", count,
                      sum(t.numel() * t.element_size() for t in named.values()) / 1e6, received_s,
                      time.perf_counter() - start - received_s)
             return count

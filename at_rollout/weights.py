@@ -28,7 +28,9 @@ class ServedWeights:
         self.tensors: Dict[str, torch.Tensor] = dict(model.state_dict(keep_vars=True))
         self.device = next(model.parameters()).device
         self.groups: Dict[str, object] = {}
-        self._staging: Optional[torch.Tensor] = None  # receive arena, one bucket large
+        # Distributed updates land in spare storage, one per weight, kept between updates: a
+        # received bucket is swapped in instead of copied (one model's worth of extra memory).
+        self._spares: Dict[str, torch.Tensor] = {}
         self._receive_lock = threading.Lock()
         self.version: Optional[str] = None
 
@@ -77,7 +79,7 @@ class ServedWeights:
                                                group_name, self.timeout_s)
 
     def receive(self, names, dtypes, shapes, group_name: str) -> Dict[str, torch.Tensor]:
-        """Receive one broadcast from rank 0 per tensor, in list order, into fresh buffers."""
+        """Receive one broadcast from rank 0 per tensor, in list order (into spare storage)."""
         group = self.groups.get(group_name)
         if group is None:
             raise FieldError("group_name", f"no weight update group {group_name!r}; call /init_weights_update_group")
@@ -96,34 +98,36 @@ class ServedWeights:
             total += math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         if self.max_bytes is not None and total > self.max_bytes:
             raise FieldError("shapes", f"update of {total} bytes exceeds the limit of {self.max_bytes} bytes", 413)
-        device = self.device if self.device.type == "cuda" else torch.device("cpu")
         with self._receive_lock:
-            received = []
-            for name, buf in zip(names, self._staging_views(specs, device)):
+            received = [(name, self._landing(name, dtype, shape)) for name, (dtype, shape) in zip(names, specs)]
+            for _, buf in received:
                 torch.distributed.broadcast(buf, src=0, group=group)
-                received.append((name, buf))
         out = dict(received)  # checked only after receiving, so the sender never blocks on us
-        # (the views point into the arena: `apply` copies them out before the next receive)
         if len(out) != len(received):
             raise FieldError("names", "a weight name appears twice in one update")
         return out
 
-    def _staging_views(self, specs, device) -> list[torch.Tensor]:
-        """Receive buffers carved from one arena kept between updates: a bucket lands in
-        memory that is already mapped (no page faults), and nothing is allocated per tensor."""
-        offsets, total = [], 0
-        for dtype, shape in specs:
-            offsets.append(total)
-            total += -(-math.prod(shape) * torch.empty((), dtype=dtype).element_size() // 64) * 64
-        if self._staging is None or self._staging.numel() < total or self._staging.device != device:
-            self._staging = None
-            self._staging = torch.empty(total, dtype=torch.uint8, device=device)
-        views = []
-        for (dtype, shape), off in zip(specs, offsets):
-            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-            views.append(self._staging[off:off + nbytes].view(dtype).view(shape) if nbytes
-                         else torch.empty(shape, dtype=dtype, device=device))
-        return views
+    def _landing(self, name: str, dtype: torch.dtype, shape) -> torch.Tensor:
+        """Where a received tensor lands: the weight's spare storage when it fits (swapped in by
+        `swap_in`), else a throwaway buffer (the update will be rejected)."""
+        target = self.tensors.get(name)
+        if target is None or target.dtype != dtype or tuple(target.shape) != tuple(shape):
+            return torch.empty(shape, dtype=dtype, device=self.device)
+        spare = self._spares.get(name)
+        if spare is None or spare.data_ptr() == target.data_ptr():
+            spare = self._spares[name] = torch.empty_like(target)
+        return spare
+
+    def swap_in(self, named: Mapping[str, torch.Tensor]) -> int:
+        """Validate everything, then make each received tensor the weight's storage (no copy);
+        the old storage becomes the spare the next update lands in."""
+        self.check(named, "names")
+        with self.lock, torch.no_grad():
+            for name, t in named.items():
+                weight = self.tensors[name]
+                self._spares[name] = weight.data
+                weight.data = t
+        return len(named)
 
     def destroy_group(self, group_name: str) -> None:
         group = self.groups.pop(group_name, None)

@@ -29,8 +29,16 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads per process (here and in the server); 1 avoids oversubscribing a busy box")
     args = ap.parse_args()
 
+    import os
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the server process
     from at_core.prompts import render_prompt
     from at_core.tiny import build_random_model
     from at_rollout.generator import Generator, SamplingParams
@@ -43,7 +51,8 @@ def main() -> None:
     prompts = [tok.encode(render_prompt(tok, f"What is {i} + {3 * i + 7}?", "ellipsis")) for i in range(args.prompts)]
     sp = {"max_new_tokens": args.max_new_tokens, "temperature": 1.0, "top_p": 0.95, "n": args.n, "sampling_seed": 1}
     print(f"model: tiny '{args.size}' ({sum(p.numel() for p in gen.model.parameters()) / 1e6:.1f}M params); "
-          f"{args.prompts} prompts x n={args.n}, max_new_tokens={args.max_new_tokens}; median of {args.repeats}",
+          f"{args.prompts} prompts x n={args.n}, max_new_tokens={args.max_new_tokens}; median of {args.repeats}; "
+          f"{args.threads} torch thread(s) per process",
           flush=True)
 
     params = SamplingParams(**sp)

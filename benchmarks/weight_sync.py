@@ -106,6 +106,8 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--bucket-mb", type=float, default=256)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads per process (here and in the server); 1 avoids oversubscribing a busy box")
     ap.add_argument("--discard-server", help=argparse.SUPPRESS)
     ap.add_argument("--gloo-receiver", nargs=3, type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -114,9 +116,14 @@ def main() -> None:
     if args.gloo_receiver:
         return gloo_receiver(*args.gloo_receiver)
 
+    import os
+
     import requests
     import torch
     from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(args.threads)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the server and helper processes
 
     from at_rollout.dist_group import create_group, free_port
     from at_rollout.process import LocalServer
@@ -127,7 +134,7 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     print(f"model: {n_params / 1e6:.0f}M parameters, {nbytes / 2**20:.0f} MiB fp32; bucket {args.bucket_mb} MB; "
-          f"median of {args.repeats}", flush=True)
+          f"median of {args.repeats}; {args.threads} torch thread(s) per process", flush=True)
     rows = []
     with LocalServer(model_dir, log_file=tmp / "server.log") as server:
         client = server.client(timeout_s=600)
