@@ -119,12 +119,21 @@ def test_malformed_oversize_and_unauthorised_requests_then_still_serving(server,
     assert info["is_generation"] and info["dtype"] == "float32" and info["vocab_size"] > 0
 
 
+def wait_until_held(server, timeout_s=20.0):
+    """Until the server has a request waiting (its /flush_cache answers 400, as SGLang's does)."""
+    deadline = time.monotonic() + timeout_s
+    while post(server, "/flush_cache").status_code != 400:
+        assert time.monotonic() < deadline, "the request never reached the server"
+        time.sleep(0.05)
+
+
 def test_pause_in_place_holds_requests_and_flush_waits(server, client):
     client.pause_generation("in_place")
     done = []
     t = threading.Thread(target=lambda: done.append(client.generate([[3, 4]], {"max_new_tokens": 3})))
     t.start()
-    time.sleep(0.5)
+    wait_until_held(server)
+    time.sleep(0.2)
     assert not done  # held while paused
     with pytest.raises(RolloutError) as err:  # SGLang's answer while requests wait: 400, retried until timeout
         client.flush_cache(timeout_s=0.5)
@@ -137,7 +146,7 @@ def test_pause_in_place_holds_requests_and_flush_waits(server, client):
     client.resume_memory_occupation(["weights"])
 
 
-def test_pause_abort_ends_waiting_requests(client):
+def test_pause_abort_ends_waiting_requests(server, client):
     got = []
 
     def gen():
@@ -146,7 +155,7 @@ def test_pause_abort_ends_waiting_requests(client):
     client.pause_generation("in_place")
     t = threading.Thread(target=gen)
     t.start()
-    time.sleep(0.3)
+    wait_until_held(server)
     client.pause_generation()  # default mode abort, as in SGLang: ends the held request
     t.join(30)
     assert got and got[0][0].finish_reason == "abort" and got[0][0].output_ids == []
