@@ -126,16 +126,28 @@ class RolloutWorkers:
         k = len(self.clients)
         shards = [list(range(i, len(prompt_ids), k)) for i in range(k)]
         with ThreadPoolExecutor(max_workers=k) as pool:
-            futures = [
-                pool.submit(c.generate, [prompt_ids[i] for i in idx], {**params, "sampling_seed": params["sampling_seed"] + j})
-                for j, (c, idx) in enumerate(zip(self.clients, shards))
-            ]
+            futures = [pool.submit(self._request, c, [prompt_ids[i] for i in idx], params, j)
+                       for j, (c, idx) in enumerate(zip(self.clients, shards))]
             outs = [f.result() for f in futures]
         grouped: List[List[Sample]] = [[] for _ in prompt_ids]
         for idx, out in zip(shards, outs):
             for s in out:
                 grouped[idx[s.prompt_index]].append(s)
         return grouped
+
+    def _request(self, client: RolloutClient, prompts, params, shard: int) -> List[Sample]:
+        """One /generate. SGLang seeds a request's `n` samples alike, so for SGLang every sample
+        becomes its own entry with its own seed; the project's server seeds them apart itself."""
+        seed = params["sampling_seed"] + 7919 * shard
+        if self.cfg.backend != "sglang":
+            return client.generate(prompts, {**params, "sampling_seed": seed})
+        n = params.get("n", 1)
+        expanded = [p for p in prompts for _ in range(n)]
+        per_sample = [{**params, "n": 1, "sampling_seed": seed + i} for i in range(len(expanded))]
+        out = client.generate(expanded, per_sample)
+        for s in out:
+            s.prompt_index //= n
+        return out
 
     def _recover(self, module, error: str) -> None:
         """A server failed: restart the dead ones (rank 0), then re-sync the weights (all ranks)."""
