@@ -102,7 +102,15 @@ class RolloutWorkers:
 
     # ---------------------------------------------------------------- the two operations
     def sync(self, module) -> None:
-        self.weight_sync.sync(module)
+        """Push the actor's weights (collective); a server that died meanwhile is restarted first."""
+        for attempt in range(self.cfg.retries + 1):
+            try:
+                self.weight_sync.sync(module)
+                return
+            except RolloutError as err:  # raised on every rank together
+                if attempt == self.cfg.retries:
+                    raise
+                self._restart_dead(str(err))
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], params: Dict[str, Any], module) -> List[List[Sample]]:
         """n samples per prompt, grouped by prompt; collective (the result reaches every rank)."""
@@ -150,7 +158,12 @@ class RolloutWorkers:
         return out
 
     def _recover(self, module, error: str) -> None:
-        """A server failed: restart the dead ones (rank 0), then re-sync the weights (all ranks)."""
+        """A server failed: restart the dead ones, then re-sync the current weights (all ranks)."""
+        self._restart_dead(error)
+        if module is not None:  # None: serving the directory's own weights (evaluation)
+            self.sync(module)
+
+    def _restart_dead(self, error: str) -> None:
         if self.rank == 0:
             log.warning("rollout failed (%s); restarting the server and re-syncing weights", error)
             for s in self.servers:
@@ -159,5 +172,3 @@ class RolloutWorkers:
             time.sleep(0.5)
         self.restarts += 1
         self.weight_sync.reconnect()
-        if module is not None:  # None: serving the directory's own weights (evaluation)
-            self.sync(module)

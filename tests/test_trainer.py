@@ -139,3 +139,42 @@ def test_unreachable_rollout_server_names_the_url(tiny_model_dir, tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 2
     assert url in proc.stderr
+
+
+def _server_pids(parent_pid: int) -> list:
+    """The rollout server processes a trainer started (they carry --parent-pid)."""
+    from pathlib import Path
+
+    found = []
+    for proc_dir in Path("/proc").iterdir():
+        if not proc_dir.name.isdigit():
+            continue
+        try:
+            args = (proc_dir / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"at_rollout.server" in args and b"--parent-pid" in args:
+            if args[args.index(b"--parent-pid") + 1] == str(parent_pid).encode():
+                found.append(int(proc_dir.name))
+    return found
+
+
+@pytest.mark.timeout(600)
+def test_server_killed_mid_run_is_restarted_and_the_run_goes_on(tiny_model_dir, tmp_path):
+    out = tmp_path / "fault"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "at_core.train", "--model-path", str(tiny_model_dir), "--out", str(out), *SMALL,
+           "stage.1.steps=4", "stage.3.steps=0", "save_every=0", "rollout.retries=2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(read_metrics(out)) < 1:
+        time.sleep(0.05)
+    victims = _server_pids(proc.pid)
+    assert victims, "the trainer should have started its rollout server"
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    output, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, output[-4000:]
+    assert "restarting the server" in output
+    assert _steps(out) == [("1", 1, 1), ("1", 2, 2), ("1", 3, 3), ("1", 4, 4)]  # nothing lost, nothing repeated
+    assert _server_pids(proc.pid) == []  # and nothing left behind
