@@ -19,9 +19,6 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-# Idle OpenMP threads sleep instead of spinning: with any other process on the cores, spinning
-# threads slowed the SFT steps of this demo by an order of magnitude.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
