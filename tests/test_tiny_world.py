@@ -12,7 +12,7 @@ from at_core.tiny.task import TIERS, generate, generate_all, parse, split_key, s
 from at_reward.autothink import detect_mode
 from at_reward.math import grade
 
-EQUATION = re.compile(r"(?<![\d*+-])(\d+)([*+-])(\d+)=(\d+)")
+EQUATION = re.compile(r"(?<![\d*+])(\d+)([*+])(\d+)=(\d+)")
 COUNTING = re.compile(r"counting up from (\d+): ([\d, ]+)\.")
 
 
@@ -43,15 +43,11 @@ def test_tiers_are_distinct_and_readable_from_text():
         problems = generate(tier, 500, seed=1)
         assert all(tier_of(p.problem) == tier == p.tier for p in problems)
         assert all(parse(p.problem).value == p.answer and isinstance(p.answer, int) for p in problems)
-        ops = {parse(p.problem).op for p in problems}
-        digits = {len(str(parse(p.problem).a)) for p in problems if parse(p.problem).op != "-"}
-        if tier == "easy":
-            assert ops == {"+", "-"} and digits == {1}
-        elif tier == "medium":
-            assert ops == {"*"} and digits == {1}
-        else:
-            assert ops == {"*"} and digits == {2}
-            assert all(parse(p.problem).a % 10 and parse(p.problem).b % 10 for p in problems)
+        shapes = {(parse(p.problem).op, tuple(sorted((len(str(parse(p.problem).a)), len(str(parse(p.problem).b))))))
+                  for p in problems}
+        assert shapes == {"easy": {("+", (1, 1))}, "medium": {("*", (1, 1))}, "hard": {("*", (1, 3))}}[tier]
+        if tier == "hard":
+            assert all("0" not in str(max(parse(p.problem).a, parse(p.problem).b)) for p in problems)
         assert len({p.problem.split(" ")[0] for p in problems}) >= 3  # several wordings
     interleaved = generate_all(5, seed=0)
     assert [p.tier for p in interleaved[:3]] == list(TIERS)
@@ -61,25 +57,26 @@ def _check_trace(problem):
     """Re-derive every step of the teacher's trace; returns the number of steps checked."""
     trace = teacher.think_trace(problem)
     arith = parse(problem.problem)
+    lines = trace.splitlines()
     steps = 0
-    body = trace.splitlines()[:-1]  # the last line restates the result
-    for x, op, y, z in EQUATION.findall("\n".join(body)):
+    for x, op, y, z in EQUATION.findall("\n".join(lines[:-1])):  # the last line restates
         x, y, z = int(x), int(y), int(z)
-        assert {"+": x + y, "-": x - y, "*": x * y}[op] == z, (problem.problem, trace)
-        assert op != "*" or (x < 10 and y < 10), trace  # products are single-digit facts
+        assert (x + y if op == "+" else x * y) == z, (problem.problem, trace)
+        assert op == "+" or (x < 10 and y < 10), trace  # products are single-digit facts
+        assert op == "*" or min(x, y) < 10, trace  # sums add a one-digit number
         steps += 1
     for start, numbers in COUNTING.findall(trace):
         seq = [int(n) for n in numbers.split(", ")]
-        assert seq == list(range(int(start) + 1, int(start) + 1 + len(seq))), trace
-        assert seq[-1] == max(arith.a, arith.value)
+        assert seq == list(range(int(start) + 1, int(start) + 1 + len(seq))) and seq[-1] == arith.value, trace
         steps += len(seq)
-    assert trace.splitlines()[-1] == f"So {arith.a}{arith.op}{arith.b}={arith.value}."
-    if arith.tier == "hard":  # the answer is assembled from the columns' lines
-        lines = trace.splitlines()[1:-1]
-        units, tens, lead = (int(lines[i].split("=")[1]) for i in (0, 4, 6))
-        assert int(f"{lead}{tens % 10}{units % 10}") == arith.value
-        assert lines[4].split("+")[1].split("=")[0] == str(units // 10)
-        assert lines[6].split("+")[1].split("=")[0] == str(tens // 10)
+    a, b = sorted((arith.a, arith.b), reverse=True) if arith.tier == "hard" else (arith.a, arith.b)
+    assert lines[-1] == f"So {a}{arith.op}{b}={arith.value}."
+    if arith.tier == "hard":  # long multiplication: each carry comes from the line above
+        values = [int(line.split("=")[1]) for line in lines[1:-1]]
+        assert [lines[1 + i].split("*")[0] for i in (0, 1, 3)] == list(reversed(str(a)))
+        for i in (2, 4):
+            assert lines[1 + i].split("+")[1].split("=")[0] == str(values[i - 2] // 10)
+        assert int(f"{values[4]}{values[2] % 10}{values[0] % 10}") == arith.value
     return steps
 
 
@@ -125,6 +122,42 @@ def test_evaluate_base_reports_every_tier(quick_base):
     for tier in TIERS:
         assert 0 <= r[tier]["accuracy"] <= 1 and 0 <= r[tier]["think_rate"] <= 1
         assert 1 <= r[tier]["mean_tokens"] <= 12
+
+
+def test_ellipsis_mode_is_one_token_choice(quick_base):
+    """Think responses all begin with one token, so temperature cannot tilt the mode choice."""
+    tok = AutoTokenizer.from_pretrained(quick_base)
+    firsts = {tok(teacher.think_response(p), add_special_tokens=False)["input_ids"][0] for p in generate_all(100, 9)}
+    assert len(firsts) == 1
+    assert {tok(teacher.no_think_response(p), add_special_tokens=False)["input_ids"][0]
+            for p in generate_all(20, 9)} == {tok.convert_tokens_to_ids("</think>")}
+
+
+def test_packed_rows_match_separate_sequences(quick_base):
+    import random
+
+    import torch
+
+    from at_core.tiny.sft import collate, pack_rows, sft_examples
+
+    tok = AutoTokenizer.from_pretrained(quick_base)
+    model = AutoModelForCausalLM.from_pretrained(quick_base).eval()
+    examples = sft_examples(generate_all(4, seed=0), tok)
+    rows = pack_rows(examples, 256, random.Random(0))
+    assert sorted(i for row in rows for i in row) == list(range(len(examples)))
+    assert any(len(row) > 1 for row in rows)
+    ids, labels, positions = collate(examples, rows, tok.pad_token_id)
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits
+        for r, row in enumerate(rows):
+            at = 0
+            for i in row:
+                seq, n_prompt = examples[i]
+                alone = model(input_ids=torch.tensor([seq])).logits[0]
+                torch.testing.assert_close(packed[r, at : at + len(seq)], alone, atol=1e-4, rtol=1e-4)
+                assert (labels[r, at : at + n_prompt] == -100).all()
+                assert labels[r, at + n_prompt : at + len(seq)].tolist() == seq[n_prompt:]
+                at += len(seq)
 
 
 def test_every_teacher_text_round_trips_through_autotokenizer(quick_base):

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from at_core.data import Problem
 from at_core.prompts import USER_SUFFIX, render_prompt
 from at_core.tiny import teacher
-from at_core.tiny.task import TIERS, generate, generate_all
+from at_core.tiny.task import TIERS, generate
 
 MARKER = "tiny_world.json"  # written last: its presence means the directory is complete
 # (prompt style, mode) of the SFT examples, cycled within every tier: the ellipsis prompt
@@ -49,15 +49,27 @@ class Recipe:
     size: str = "default"
     vocab_size: int = 512
     problems_per_tier: int = 7000  # one SFT example each, roles cycled
-    max_batch_tokens: int = 4096  # padded tokens per optimizer step
+    hard_weight: int = 2  # hard problems per easy one: the long trace is what takes learning
+    row_tokens: int = 256  # examples are packed into rows of this many tokens
+    max_batch_tokens: int = 2048  # tokens (rows x row_tokens) per optimizer step
     lr: float = 2e-3
-    min_lr_ratio: float = 0.05
+    min_lr_ratio: float = 0.02
+    decay_fraction: float = 0.25
     warmup_steps: int = 30
     weight_decay: float = 0.05
     seed: int = 0
 
 
 QUICK = {"size": "test", "problems_per_tier": 240, "max_batch_tokens": 2048, "lr": 3e-3, "warmup_steps": 5}
+
+
+def sft_problems(recipe: "Recipe") -> list[Problem]:
+    """Training problems, interleaved; hard ones `hard_weight` times as many."""
+    counts = {"easy": 1, "medium": 1, "hard": recipe.hard_weight}
+    per_tier = {t: generate(t, recipe.problems_per_tier * counts[t], seed=recipe.seed) for t in TIERS}
+    rounds = [[p for t in TIERS for p in per_tier[t][k * counts[t] : (k + 1) * counts[t]]]
+              for k in range(recipe.problems_per_tier)]
+    return [p for group in rounds for p in group]
 
 
 def response_text(problem: Problem, mode: str, style: str) -> str:
@@ -88,67 +100,98 @@ def sft_examples(problems: list[Problem], tokenizer) -> list[tuple[list[int], in
     return [(p + r + [eos], len(p)) for p, r in zip(enc_p, enc_r)]
 
 
-def length_batches(examples, max_tokens: int, rng: random.Random) -> list[list[int]]:
-    """Indices grouped into batches of similar length, each at most `max_tokens` padded tokens."""
-    order = sorted(range(len(examples)), key=lambda i: (len(examples[i][0]), rng.random()))
-    batches, cur, longest = [], [], 0
+def pack_rows(examples, row_tokens: int, rng: random.Random) -> list[list[int]]:
+    """Examples (by index) packed into rows of at most `row_tokens`, in random order.
+
+    Packing mixes think and no-think examples in every batch. Length buckets would put
+    each mode in batches of its own, and the last few batches before the end of the
+    schedule would then tilt the ellipsis prompt's mode choice.
+    """
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    rows: list[list[int]] = []
+    free: list[int] = []
     for i in order:
         n = len(examples[i][0])
-        if cur and max(longest, n) * (len(cur) + 1) > max_tokens:
-            batches.append(cur)
-            cur, longest = [], 0
-        cur.append(i)
-        longest = max(longest, n)
-    if cur:
-        batches.append(cur)
-    rng.shuffle(batches)
-    return batches
+        if n > row_tokens:
+            raise ValueError(f"an SFT example has {n} tokens, more than row_tokens={row_tokens}")
+        for r in range(max(0, len(rows) - 16), len(rows)):  # first fit among the newest rows
+            if free[r] >= n:
+                rows[r].append(i)
+                free[r] -= n
+                break
+        else:
+            rows.append([i])
+            free.append(row_tokens - n)
+    rng.shuffle(rows)
+    return rows
 
 
-def collate(examples, idx: list[int], pad_id: int):
-    width = max(len(examples[i][0]) for i in idx)
-    ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(idx), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(idx), width), dtype=torch.long)
-    for row, i in enumerate(idx):
-        seq, n_prompt = examples[i]
-        ids[row, : len(seq)] = torch.tensor(seq)
-        labels[row, n_prompt : len(seq)] = torch.tensor(seq[n_prompt:])
-        mask[row, : len(seq)] = 1
-    return ids, labels, mask
+def collate(examples, rows: list[list[int]], pad_id: int):
+    """Packed rows: position ids restart at every example, which (with no attention mask)
+    makes transformers attend within each example only; the padded tail is never attended
+    to by real tokens (it comes last) and carries no labels."""
+    width = max(sum(len(examples[i][0]) for i in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    positions = torch.arange(width).repeat(len(rows), 1)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            seq, n_prompt = examples[i]
+            ids[r, at : at + len(seq)] = torch.tensor(seq)
+            labels[r, at + n_prompt : at + len(seq)] = torch.tensor(seq[n_prompt:])
+            positions[r, at : at + len(seq)] = torch.arange(len(seq))
+            at += len(seq)
+        positions[r, at:] = torch.arange(width - at) + (len(examples[row[-1]][0]) if row else 0)
+    return ids, labels, positions
 
 
 def _lr_at(step: int, total: int, recipe: Recipe) -> float:
+    """Warmup, a constant stretch, then a linear decay over the last `decay_fraction`:
+    the skills here (copying digits, carries) arrive late and abruptly, and a schedule
+    that stays high longer reaches them with fewer tokens than a cosine one."""
     if step < recipe.warmup_steps:
         return recipe.lr * (step + 1) / recipe.warmup_steps
-    progress = (step - recipe.warmup_steps) / max(1, total - recipe.warmup_steps)
-    return recipe.lr * (recipe.min_lr_ratio + (1 - recipe.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    decay_start = int(total * (1 - recipe.decay_fraction))
+    if step < decay_start:
+        return recipe.lr
+    progress = (step - decay_start) / max(1, total - decay_start)
+    return recipe.lr * (1 - (1 - recipe.min_lr_ratio) * progress)
 
 
 def train(model, examples, recipe: Recipe, pad_id: int, progress: bool = True) -> list[float]:
     """One pass over `examples`; returns the loss of every step (mean over response tokens)."""
     rng = random.Random(f"tiny-sft-batches:{recipe.seed}")
-    batches = length_batches(examples, recipe.max_batch_tokens, rng)
+    rows = pack_rows(examples, recipe.row_tokens, rng)
+    per_step = max(1, recipe.max_batch_tokens // recipe.row_tokens)
+    batches = [rows[k : k + per_step] for k in range(0, len(rows), per_step)]
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=recipe.lr, betas=(0.9, 0.98), eps=1e-8,
     )
+    # Batches differ in how many response tokens they hold; a per-batch mean would weigh
+    # tokens unequally (and skew the ellipsis prompt's mode choice). Normalise by a
+    # data-wide constant instead.
+    per_batch = sum(len(seq) - n_prompt for seq, n_prompt in examples) / len(batches)
     model.train()
     losses = []
     bar = tqdm(batches, desc="tiny SFT", disable=not progress, mininterval=2.0)
     for step, idx in enumerate(bar):
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, len(batches), recipe)
-        ids, labels, mask = collate(examples, idx, pad_id)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+        ids, labels, positions = collate(examples, idx, pad_id)
+        logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits[:, :-1]
+        token_loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), reduction="sum")
+        loss = token_loss / per_batch  # every token weighs the same, whatever its batch
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(loss.item())
+        losses.append(token_loss.item() / max(1, int((labels[:, 1:] != -100).sum())))
         if step % 10 == 0:
             bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
     model.eval()
@@ -181,7 +224,7 @@ def build_base(out_dir: str | Path, size: str = "default", quick: bool = False, 
     torch.set_num_threads(threads or max(1, os.cpu_count() or 1))
     started, cpu_started = time.time(), time.process_time()
 
-    problems = generate_all(recipe.problems_per_tier, seed=recipe.seed, split="train")
+    problems = sft_problems(recipe)
     out.mkdir(parents=True, exist_ok=True)
     if marker.exists():
         marker.unlink()
@@ -212,24 +255,6 @@ def build_base(out_dir: str | Path, size: str = "default", quick: bool = False, 
 # ---------------------------------------------------------------- measuring the base
 
 
-def _sample(model, tokenizer, prompts: list[str], temperature: float, top_p: float, max_new_tokens: int,
-            batch_size: int) -> list[list[int]]:
-    """Completions (token ids, EOS included when produced) for every prompt."""
-    tokenizer.padding_side = "left"
-    outs: list[list[int]] = []
-    eos = tokenizer.eos_token_id
-    for start in range(0, len(prompts), batch_size):
-        enc = tokenizer(prompts[start : start + batch_size], add_special_tokens=False, return_tensors="pt", padding=True)
-        kwargs = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
-            "do_sample": False, "temperature": None, "top_p": None}
-        with torch.no_grad():
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=eos,
-                                 pad_token_id=tokenizer.pad_token_id, top_k=None, **kwargs)
-        for row in gen[:, enc["input_ids"].shape[1] :].tolist():
-            outs.append(row[: row.index(eos) + 1] if eos in row else row)
-    return outs
-
-
 def _summary(rows: list[tuple[bool, bool, int]]) -> dict:
     n = max(1, len(rows))
     return {
@@ -258,28 +283,27 @@ def evaluate_base(model_dir: str | Path, n_per_tier: int = 300, style: str = "st
                   split: str = "test") -> dict:
     """Accuracy, think rate and mean response tokens per tier on held-out problems.
 
-    Grades with `at_reward.math.grade` the text after the prompt's `<think>\\n` (so the
-    forced prompt's `</think>` counts) and tells modes with `at_reward.autothink.detect_mode`.
-    `temperature=0` is greedy decoding.
+    Samples with `at_rollout.generator.Generator` (the rollout engine), grades with
+    `at_reward.math.grade` the text after the prompt's `<think>\\n` (so the forced prompt's
+    `</think>` counts) and tells modes with `at_reward.autothink.detect_mode`. Tokens count
+    the whole completion, end-of-sequence included. `temperature=0` is greedy decoding.
     """
     from at_core.prompts import STYLE_SUFFIX
     from at_reward.autothink import detect_mode
     from at_reward.math import grade
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from at_rollout.generator import Generator, SamplingParams
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    torch.manual_seed(seed)
+    gen = Generator.from_pretrained(model_dir, dtype="float32", device="cpu", max_batch_rows=batch_size)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, sampling_seed=seed)
     result = {"style": style, "temperature": temperature, "top_p": top_p, "n_per_tier": n_per_tier}
     for tier in TIERS:
         problems = generate(tier, n_per_tier, seed=seed, split=split)
-        prompts = [render_prompt(tokenizer, p.problem, style) for p in problems]
-        outs = _sample(model, tokenizer, prompts, temperature, top_p, max_new_tokens, batch_size)
+        prompts = [gen.tokenizer(render_prompt(gen.tokenizer, p.problem, style), add_special_tokens=False)["input_ids"]
+                   for p in problems]
         rows = []  # (think, correct, tokens)
-        for p, ids in zip(problems, outs):
-            text = tokenizer.decode([i for i in ids if i != tokenizer.eos_token_id], skip_special_tokens=False)
-            think = style != "no_think" and detect_mode(text) == "think"
-            rows.append((think, grade(STYLE_SUFFIX[style] + text, p.answer).correct, len(ids)))
+        for p, sample in zip(problems, gen.generate(prompts, params)):
+            think = style != "no_think" and detect_mode(sample.text) == "think"
+            rows.append((think, grade(STYLE_SUFFIX[style] + sample.text, p.answer).correct, len(sample.output_ids)))
         result[tier] = _summary(rows)
         result[tier]["by_mode"] = {
             mode: _summary([r for r in rows if r[0] == (mode == "think")]) for mode in ("think", "no_think")

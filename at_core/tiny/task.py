@@ -3,20 +3,24 @@
 The tiers are built around what a ~3M-parameter model can do in one forward pass per
 answer digit, because AutoThink only has something to learn where that differs by tier:
 
-- easy: single-digit addition and subtraction facts (`7 + 5`, `15 - 8`): recall.
-- medium: the multiplication table (`7 * 8`, factors 2..9): recall, but a different
-  operation and wording, so it reads differently from easy.
-- hard: two-digit by two-digit multiplication (`47 * 86`, no factor a multiple of 10):
-  a four-digit product that a tiny model cannot produce in one shot, yet can compute
-  through a written trace of single-digit facts and small additions (`teacher.py`).
+- easy: single-digit addition (`7 + 5`): one recalled fact.
+- medium: the multiplication table (`7 * 8`, factors 2..9): one recalled fact, a
+  different operation and wording from easy.
+- hard: a three-digit number (digits 1..9) times a one-digit number (`347 * 6`): a
+  four-digit product with a chain of carries, which a tiny model cannot produce in one
+  shot, yet computes through a written trace made only of medium and easy steps
+  (`7*6=42`, `4*6=24`, `24+4=28`, ...; see `teacher.py`).
+
+The one-shot skills the no-think mode needs on easy and medium problems (the addition and
+multiplication tables) are ones the hard trace practises at every step.
 
 The tier is visible in the text (the operation words and the number of digits), so a
 policy can learn to think on hard problems only. Problems are worded with a few
 templates, from bare equations to short word problems, as in real math sets.
 
 Splits never overlap. A problem is held out ("test") when a hash of its split key falls
-in the held-out fifth: for hard problems the key is the unordered pair of factors, so a
-held-out product was never seen in training under any wording (one-shot accuracy on
+in the held-out fifth: for hard problems the key is the pair of factors, so a held-out
+product was never seen in training under any wording or order (one-shot accuracy on
 hard cannot come from memorised products); easy and medium are recall tiers by design
 (the tables are small), and are held out by wording (the full problem text).
 """
@@ -44,11 +48,6 @@ TEMPLATES = {
         "Find the sum of {a} and {b}.",
         "{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?",
     ),
-    "-": (
-        "What is {a} minus {b}?",
-        "Compute ${a} - {b}$.",
-        "{name} has {a} {item} and gives away {b}. How many {item} are left?",
-    ),
     "*": (
         "What is {a} times {b}?",
         "Compute ${a} \\times {b}$.",
@@ -59,7 +58,6 @@ TEMPLATES = {
 # Words that name the operation in each template family (used by `parse`).
 _OP_CUES = (
     ("+", re.compile(r"\bplus\b| \+ |\bsum\b|\bmore\b")),
-    ("-", re.compile(r"\bminus\b| - |\bgives away\b")),
     ("*", re.compile(r"\btimes\b|\\times|\bproduct\b|\beach box\b")),
 )
 _NUMBER = re.compile(r"\d+")
@@ -75,11 +73,11 @@ class Arithmetic:
 
     @property
     def value(self) -> int:
-        return {"+": self.a + self.b, "-": self.a - self.b, "*": self.a * self.b}[self.op]
+        return self.a + self.b if self.op == "+" else self.a * self.b
 
     @property
     def tier(self) -> str:
-        if self.op in "+-":
+        if self.op == "+":
             return "easy"
         return "medium" if max(self.a, self.b) < 10 else "hard"
 
@@ -100,13 +98,13 @@ def tier_of(text: str) -> str:
 
 def _draw(tier: str, rng: random.Random) -> Arithmetic:
     if tier == "easy":
-        x, y = rng.randint(1, 9), rng.randint(1, 9)
-        return Arithmetic("+", x, y) if rng.random() < 0.5 else Arithmetic("-", x + y, y)
+        return Arithmetic("+", rng.randint(1, 9), rng.randint(1, 9))
     if tier == "medium":
         return Arithmetic("*", rng.randint(2, 9), rng.randint(2, 9))
     if tier == "hard":
-        factors = [n for n in range(11, 100) if n % 10]
-        return Arithmetic("*", rng.choice(factors), rng.choice(factors))
+        big = int("".join(str(rng.randint(1, 9)) for _ in range(3)))
+        small = rng.randint(2, 9)
+        return Arithmetic("*", big, small) if rng.random() < 0.5 else Arithmetic("*", small, big)
     raise ValueError(f"tier must be one of {TIERS}, got {tier!r}")
 
 

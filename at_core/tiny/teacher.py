@@ -6,18 +6,17 @@ Forced no-think (after `...\\n</think>\\n\\n`): `\\boxed{N}`. The end-of-sequenc
 is the tokenizer's business and is appended by whoever tokenises.
 
 Every step a trace writes is something a tiny model can compute from a few tokens it can
-see: copying an operand, a single-digit fact (`7*6=42`), a small addition (`24+56=80`),
-the next number when counting, a digit taken from an earlier line. A hard product is
-computed column by column:
+see: copying an operand, a single-digit fact (`7*6=42`), adding a one-digit carry to a
+two-digit number (`24+4=28`), the next number when counting, a digit taken from an
+earlier line. A hard product is long multiplication,
+units digit first:
 
-    7*6=42          units column; its tens digit (4) is the carry
-    4*6=24          the two products of the tens column
-    7*8=56
-    24+56=80
-    80+4=84         plus the carry: tens digit 4, carry 8
-    4*8=32          hundreds column
-    32+8=40         plus the carry: the leading digits
-    So 47*86=4042.  leading digits, then the tens and units digits above
+    7*6=42          units: write 2, carry 4
+    4*6=24          tens
+    24+4=28         plus the carry: write 8, carry 2
+    3*6=18          hundreds
+    18+2=20         plus the carry: the leading digits
+    So 347*6=2082.  the leading digits, then the digits written above
 
 Easy and medium problems get traces of a similar length, because R1-style models
 overthink easy problems too: a preamble, the fact, and a double-check (counting up for
@@ -35,7 +34,11 @@ from at_core.tiny.task import Arithmetic, parse
 NO_THINK_PREFIX = "</think>\n\n"
 THINK_CLOSE = "\n</think>\n\n"
 
-_OPENINGS = ("Okay, so I need to", "Alright, I need to", "Hmm, I need to")
+# Every think response starts with the same token ("Okay"): the ellipsis prompt's mode is
+# then one choice between two tokens, `</think>` and "Okay", which sampling temperature
+# leaves balanced. (Three openings would split think's half three ways, and T=0.6 would
+# sharpen the choice toward `</think>`: a 50% think rate would sample as ~32%.)
+_OPENINGS = ("Okay, so I need to", "Okay, I need to", "Okay, I have to")
 _CAREFUL = ("This looks simple, but let me be careful.", "Let me work it out carefully.")
 
 
@@ -44,9 +47,17 @@ def _variant(text: str, options: tuple[str, ...], salt: str) -> str:
     return options[zlib.crc32(f"{salt}:{text}".encode()) % len(options)]
 
 
+def _operands(arith: Arithmetic) -> tuple[int, int]:
+    """The order the trace works in: as asked, except a long multiplication puts the
+    multi-digit number first."""
+    if arith.tier == "hard":
+        return max(arith.a, arith.b), min(arith.a, arith.b)
+    return arith.a, arith.b
+
+
 def _task(arith: Arithmetic) -> str:
-    a, b = arith.a, arith.b
-    return {"+": f"add {a} and {b}", "-": f"subtract {b} from {a}", "*": f"multiply {a} by {b}"}[arith.op]
+    a, b = _operands(arith)
+    return f"add {a} and {b}" if arith.op == "+" else f"multiply {a} by {b}"
 
 
 def _count_up(start: int, stop: int) -> str:
@@ -55,12 +66,8 @@ def _count_up(start: int, stop: int) -> str:
 
 def _easy_steps(arith: Arithmetic) -> list[str]:
     a, b, v = arith.a, arith.b, arith.value
-    if arith.op == "+":
-        low = min(a, b)
-        return [f"{a}+{b}={v}", f"Let me double-check by counting up from {low}: {_count_up(low, v)}.",
-                f"And the other way: {b}+{a}={v}."]
-    return [f"{a}-{b}={v}", f"Let me double-check by counting up from {v}: {_count_up(v, a)}.",
-            f"And adding back: {v}+{b}={a}."]
+    return [f"{a}+{b}={v}", f"Let me double-check by counting up from {a}: {_count_up(a, v)}.",
+            f"And the other way: {b}+{a}={v}."]
 
 
 def _medium_steps(arith: Arithmetic) -> list[str]:
@@ -72,21 +79,16 @@ def _medium_steps(arith: Arithmetic) -> list[str]:
 
 
 def _hard_steps(arith: Arithmetic) -> list[str]:
-    a, b = arith.a, arith.b
-    a1, a0, b1, b0 = a // 10, a % 10, b // 10, b % 10
-    units = a0 * b0
-    cross = a1 * b0 + a0 * b1
-    tens = cross + units // 10
-    lead = a1 * b1 + tens // 10
-    return [
-        f"{a0}*{b0}={units}",
-        f"{a1}*{b0}={a1 * b0}",
-        f"{a0}*{b1}={a0 * b1}",
-        f"{a1 * b0}+{a0 * b1}={cross}",
-        f"{cross}+{units // 10}={tens}",
-        f"{a1}*{b1}={a1 * b1}",
-        f"{a1 * b1}+{tens // 10}={lead}",
-    ]
+    """Long multiplication, units digit first: a fact per digit, plus the carry."""
+    big, d = _operands(arith)
+    digits = [int(c) for c in reversed(str(big))]
+    steps, carry = [], 0
+    for i, x in enumerate(digits):
+        steps.append(f"{x}*{d}={x * d}")
+        if i:
+            steps.append(f"{x * d}+{carry}={x * d + carry}")
+        carry = (x * d + carry) // 10
+    return steps
 
 
 def think_trace(problem: Problem | str) -> str:
@@ -99,7 +101,8 @@ def think_trace(problem: Problem | str) -> str:
     else:
         steps = _easy_steps(arith) if arith.tier == "easy" else _medium_steps(arith)
         lines = [f"{opening} {_variant(text, _CAREFUL, 'careful')}"] + steps + ["Both checks agree."]
-    lines.append(f"So {arith.a}{arith.op}{arith.b}={arith.value}.")
+    a, b = _operands(arith)
+    lines.append(f"So {a}{arith.op}{b}={arith.value}.")
     return "\n".join(lines)
 
 
