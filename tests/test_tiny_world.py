@@ -71,17 +71,12 @@ def _check_trace(problem):
         steps += len(seq)
     a, b = sorted((arith.a, arith.b), reverse=True) if arith.tier == "hard" else (arith.a, arith.b)
     assert lines[-1] == f"So {a}{arith.op}{b}={arith.value}."
-    if arith.tier == "hard":  # long multiplication: carries and written digits line by line
-        carry, written = 0, ""
-        for line, digit in zip(lines[1:-1], reversed(str(a))):
-            assert line.startswith(f"{digit}*{b}="), trace
-            total = int(digit) * b + carry
-            assert (f"+{carry}={total}," in line) == (line is not lines[1]), trace
-            last = line is lines[-2]
-            written = (str(total) if last else str(total % 10)) + written
-            carry = total // 10
-            assert line.endswith(f"write {written}." if last else f"write {written}, carry {carry}."), trace
-        assert written == str(arith.value) and len(lines) == 5
+    if arith.tier == "hard":  # long multiplication: each carry comes from the line above
+        values = [int(line.split("=")[1]) for line in lines[1:-1]]
+        assert [lines[1 + i].split("*")[0] for i in (0, 1, 3)] == list(reversed(str(a)))
+        for i in (2, 4):
+            assert lines[1 + i].split("+")[1].split("=")[0] == str(values[i - 2] // 10)
+        assert int(f"{values[4]}{values[2] % 10}{values[0] % 10}") == arith.value
     return steps
 
 

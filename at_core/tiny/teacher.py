@@ -11,10 +11,12 @@ two-digit number (`24+4=28`), the next number when counting, a digit taken from 
 earlier line. A hard product is long multiplication,
 units digit first:
 
-    7*6=42, write 2, carry 4.
-    4*6=24, 24+4=28, write 82, carry 2.
-    3*6=18, 18+2=20, write 2082.
-    So 347*6=2082.
+    7*6=42          units: write 2, carry 4
+    4*6=24          tens
+    24+4=28         plus the carry: write 8, carry 2
+    3*6=18          hundreds
+    18+2=20         plus the carry: the leading digits
+    So 347*6=2082.  the leading digits, then the digits written above
 
 Easy and medium problems get traces of a similar length, because R1-style models
 overthink easy problems too: a preamble, the fact, and a double-check (counting up for
@@ -77,22 +79,15 @@ def _medium_steps(arith: Arithmetic) -> list[str]:
 
 
 def _hard_steps(arith: Arithmetic) -> list[str]:
-    """Long multiplication, units digit first. Each line writes the answer's digits found
-    so far, so every copy a line makes is from itself or the line above (a copy from
-    three lines back, as a final assembly would need, is what a tiny model fails at)."""
+    """Long multiplication, units digit first: a fact per digit, plus the carry."""
     big, d = _operands(arith)
     digits = [int(c) for c in reversed(str(big))]
-    steps, carry, written = [], 0, ""
+    steps, carry = [], 0
     for i, x in enumerate(digits):
-        parts = [f"{x}*{d}={x * d}"]
-        total = x * d + carry
+        steps.append(f"{x}*{d}={x * d}")
         if i:
-            parts.append(f"{x * d}+{carry}={total}")
-        last = i == len(digits) - 1
-        written = (str(total) if last else str(total % 10)) + written
-        carry = total // 10
-        parts.append(f"write {written}" + ("" if last else f", carry {carry}"))
-        steps.append(", ".join(parts) + ".")
+            steps.append(f"{x * d}+{carry}={x * d + carry}")
+        carry = (x * d + carry) // 10
     return steps
 
 
