@@ -26,7 +26,8 @@ Sample = Completion  # one generated response: output_ids, logprobs, finish_reas
 log = logging.getLogger(__name__)
 
 
-def _broadcast(obj: Any) -> Any:
+def broadcast_from_rank0(obj: Any) -> Any:
+    """Rank 0's Python object on every rank (a no-op in a world of one)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return obj
     box = [obj]
@@ -121,9 +122,9 @@ class RolloutWorkers:
                     result = self._generate_on_servers(prompt_ids, params)
                 except RolloutError as err:
                     error = str(err)
-            error = _broadcast(error)
+            error = broadcast_from_rank0(error)
             if error is None:
-                return _broadcast(result)
+                return broadcast_from_rank0(result)
             if attempt == self.cfg.retries:
                 raise RolloutError(f"rollout failed after {attempt + 1} attempts: {error}")
             self._recover(module, error)

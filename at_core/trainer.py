@@ -27,7 +27,7 @@ from at_core.export import export_hf
 from at_core.packing import Rollout
 from at_core.prompts import render_prompt
 from at_core.recorder import Recorder
-from at_core.rollout import RolloutWorkers, Sample
+from at_core.rollout import RolloutWorkers, Sample, broadcast_from_rank0
 from at_core.stream import PromptStream
 
 log = logging.getLogger(__name__)
@@ -50,14 +50,6 @@ class Context:
     world: int = 1
     on_stage_end: Optional[Callable[["Context", str, Path], None]] = None
     timings: Dict[str, float] = field(default_factory=dict)
-
-
-def _broadcast(obj: Any, rank: int) -> Any:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return obj
-    box = [obj if rank == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 # ---------------------------------------------------------------- the steps of one RL step
@@ -105,7 +97,7 @@ def score(ctx: Context, problems: List[Problem], samples: List[List[Sample]], st
             "rewards": out.rewards, "advantages": adv, "think": out.think, "correct": out.correct,
             "format_ok": out.format_ok, "lengths": lengths, "tiers": tiers,
         }
-    return _broadcast(result, ctx.rank)
+    return broadcast_from_rank0(result)
 
 
 def my_rollouts(ctx: Context, prompt_ids: List[List[int]], samples: List[List[Sample]], scored) -> List[Rollout]:
