@@ -31,6 +31,7 @@ from .weights import ServedWeights
 
 log = logging.getLogger("at_rollout.server")
 PUBLIC_PATHS = ("/health", "/health_generate")
+BINARY = "application/octet-stream"  # a weight update whose body is the safetensors blob itself
 MB = 1 << 20
 
 
@@ -87,6 +88,72 @@ async def _read_body(request: Request, limit: int) -> bytes:
             raise FieldError(None, f"request body exceeds the limit of {limit} bytes", 413)
         chunks.append(chunk)
     return b"".join(chunks)  # bytes: pydantic parses them faster than a bytearray
+
+
+def _content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def _check_load_format(load_format: Optional[str]) -> None:
+    if load_format != "safetensors":
+        raise FieldError("load_format", "load_format must be 'safetensors' (safetensors blobs); this server never "
+                                        f"unpickles, got {load_format!r}")
+
+
+async def _binary_tensor_update(request: Request, state: "ServerState") -> dict:
+    """`/update_weights_from_tensor` with the safetensors blob as the raw body
+    (`Content-Type: application/octet-stream`) and SGLang's other fields in the query
+    string: the same all-or-nothing update without base64 and JSON, for weight sync into
+    this server. The header is checked as soon as it has arrived; the tensors then stream
+    straight into the weights' spare storage and are swapped in once the body is complete,
+    so the blob is never held whole and never copied again."""
+    opts = _binary_update_options(request.query_params)
+    declared = request.headers.get("content-length")
+    if declared is None or not declared.isdigit():
+        raise FieldError("Content-Length", "a binary weight update needs a Content-Length header", 411)
+    size = int(declared)
+    if size > state.max_weights_request_bytes:
+        raise FieldError(None, f"request body of {size} bytes exceeds the limit of "
+                               f"{state.max_weights_request_bytes} bytes", 413)
+    start = time.perf_counter()
+    decoder = tensor_codec.StreamDecoder(size, state.weights.landing_for)
+    try:
+        try:
+            async for chunk in request.stream():
+                decoder.feed(chunk)
+            named = decoder.finish()
+        except FieldError:
+            raise
+        except tensor_codec.CodecError as err:
+            raise FieldError("body", f"body: {err}") from None
+        read_s = time.perf_counter() - start
+
+        def work():
+            if state.weights.device.type == "cpu":
+                return state.weights.swap_in(named)
+            return state.weights.apply(named, {name: "body" for name in named})
+
+        count = await asyncio.to_thread(work)
+    finally:
+        state.weights.release(decoder.tensors)
+    log.info("update_weights_from_tensor (binary): %d tensors, %.1f MB; read %.2fs, swap in %.2fs", count,
+             size / 1e6, read_s, time.perf_counter() - start - read_s)
+    return _updated(state, count, opts["weight_version"])
+
+
+def _binary_update_options(query) -> dict:
+    known = {"load_format", "flush_cache", "abort_all_requests", "weight_version"}
+    unknown = sorted(set(query) - known)
+    if unknown:
+        raise FieldError(unknown[0], f"unknown query parameter(s) {unknown}; valid: {sorted(known)}")
+    opts = {"weight_version": query.get("weight_version"), "load_format": query.get("load_format", "safetensors")}
+    _check_load_format(opts["load_format"])
+    for key in ("flush_cache", "abort_all_requests"):
+        value = query.get(key, "false" if key == "abort_all_requests" else "true").lower()
+        if value not in ("true", "false"):
+            raise FieldError(key, f"{key} must be true or false, got {value!r}")
+        opts[key] = value == "true"
+    return opts
 
 
 def _per_item(value, count: int, name: str, default):
@@ -155,6 +222,7 @@ def create_app(state: ServerState) -> FastAPI:
             "vocab_size": state.vocab_size, "max_context_len": state.generator.context_len,
             "eos_token_ids": list(state.generator.eos_token_ids),
             "num_parameters": sum(p.numel() for p in model.parameters()), "server": "at_rollout",
+            "tensor_update_bodies": ["json", "binary"],  # see _binary_tensor_update
         }
 
     @app.get("/get_weight_version")
@@ -215,6 +283,8 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/update_weights_from_tensor")
     async def update_weights_from_tensor(request: Request):
+        if _content_type(request) == BINARY:
+            return await _binary_tensor_update(request, state)
         start = time.perf_counter()
         body = await _read_body(request, state.max_weights_request_bytes)
         read_s = time.perf_counter() - start
@@ -222,9 +292,7 @@ def create_app(state: ServerState) -> FastAPI:
         def work():  # off the event loop, which meanwhile reads the next bucket's body
             skeleton, lifted = lift_long_strings(body)
             req = _parse(UpdateWeightsFromTensorRequest, skeleton)
-            if req.load_format != "safetensors":
-                raise FieldError("load_format", "load_format must be 'safetensors' (base64 safetensors blobs); "
-                                                f"this server never unpickles, got {req.load_format!r}")
+            _check_load_format(req.load_format)
             named, fields = {}, {}
             for i, blob in enumerate(req.serialized_named_tensors):
                 where = f"serialized_named_tensors[{i}]"
@@ -274,7 +342,10 @@ def create_app(state: ServerState) -> FastAPI:
             except Exception as err:
                 raise FieldError(None, f"receiving weights over group {req.group_name!r} failed: {err}") from None
             received_s = time.perf_counter() - start
-            count = state.weights.swap_in(named)
+            try:
+                count = state.weights.swap_in(named)
+            finally:
+                state.weights.release(named)
             log.info("update_weights_from_distributed: %d tensors, %.1f MB; receive %.2fs, swap in %.2fs", count,
                      sum(t.numel() * t.element_size() for t in named.values()) / 1e6, received_s,
                      time.perf_counter() - start - received_s)

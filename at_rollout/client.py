@@ -66,12 +66,13 @@ class RolloutClient:
         return self._local.session
 
     def request(self, method: str, path: str, body: Any = None, *, data: Any = None,
-                timeout_s: Optional[float] = None, retries: Optional[int] = None) -> requests.Response:
+                timeout_s: Optional[float] = None, retries: Optional[int] = None,
+                content_type: str = "application/json", params: Optional[Mapping] = None) -> requests.Response:
         """One call with retries on connection errors and 5xx; raises RolloutError on 4xx or when out of tries."""
         url = f"{self.url}{path}"
         headers = dict(self._headers)
         if body is not None or data is not None:
-            headers["Content-Type"] = "application/json"
+            headers["Content-Type"] = content_type
             if data is None:
                 data = json.dumps(body).encode()
         tries = (self.retries if retries is None else retries) + 1
@@ -80,7 +81,7 @@ class RolloutClient:
             if attempt:
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
             try:
-                resp = self._session.request(method, url, data=data, headers=headers,
+                resp = self._session.request(method, url, data=data, headers=headers, params=params,
                                              timeout=(self.connect_timeout_s, timeout_s or self.timeout_s))
             except (requests.ConnectionError, requests.exceptions.ConnectTimeout) as err:
                 last = f"cannot connect ({type(err).__name__}: {err})"
@@ -190,6 +191,18 @@ class RolloutClient:
             parts += [b',"' if i else b'"', blob.encode("ascii") if isinstance(blob, str) else blob, b'"']
         parts.append(b"]," + json.dumps(tail).encode()[1:])
         return self.request("POST", "/update_weights_from_tensor", data=_Parts(parts), timeout_s=timeout_s).json()
+
+    def update_weights_from_blob(self, blob, flush_cache: bool = True, weight_version: Optional[str] = None,
+                                 timeout_s: Optional[float] = None) -> dict:
+        """Send one safetensors blob (bytes-like, or its parts in order: `tensor_codec.blob_parts`)
+        as the raw request body. Our server only (it lists "binary" in /model_info's
+        `tensor_update_bodies`): no base64, no JSON, decoded straight into the weights."""
+        params = {"load_format": "safetensors", "flush_cache": "true" if flush_cache else "false"}
+        if weight_version is not None:
+            params["weight_version"] = weight_version
+        parts = blob if isinstance(blob, (list, tuple)) else [blob]
+        return self.request("POST", "/update_weights_from_tensor", data=_Parts(parts), timeout_s=timeout_s,
+                            content_type="application/octet-stream", params=params).json()
 
     def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
                                   group_name: str = "weight_update_group", backend: str = "nccl",

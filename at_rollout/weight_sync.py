@@ -9,9 +9,12 @@ extra memory is about one bucket. Rank 0 alone talks to the servers:
 
 Two transports, the two SGLang offers:
 
-- `tensor`: each bucket is one `/update_weights_from_tensor` request carrying a base64
-  safetensors blob (our server; SGLang's own encoding is pickled CUDA IPC handles). Up to
-  `in_flight` bucket requests travel while the ranks gather and encode the next bucket.
+- `tensor`: each bucket is one `/update_weights_from_tensor` request carrying a safetensors
+  blob (our server; SGLang's own encoding is pickled CUDA IPC handles): the raw request
+  body where the server lists "binary" in /model_info's `tensor_update_bodies` (ours
+  does), base64 in SGLang's JSON body otherwise. Up to `in_flight` bucket requests travel
+  while the ranks gather and serialize the next bucket; rank 0 keeps `in_flight + 1`
+  bucket-sized send buffers from one sync to the next.
 - `distributed`: each bucket is announced with `/update_weights_from_distributed` and its
   tensors are broadcast from rank 0 over a dedicated weight-update group (gloo on CPU,
   NCCL on GPU; see `dist_group.py`) that leaves the trainer's default group alone.
@@ -99,9 +102,11 @@ class WeightSync:
                  master_port: int = 0, group_name: str = "weight_update_group", engine_ranks: int = 1,
                  timeout_s: float = 300.0, dtype: Optional[torch.dtype | str] = None,
                  name_map: Callable[[str], Optional[str]] = hf_name, pause_mode: Optional[str] = None,
-                 in_flight: int = 2):
+                 in_flight: int = 2, tensor_body: str = "auto"):
         if method not in ("tensor", "distributed"):
             raise ValueError(f"rollout.sync_method must be 'tensor' or 'distributed', got {method!r}")
+        if tensor_body not in ("auto", "binary", "json"):
+            raise ValueError(f"tensor_body must be 'auto', 'binary' or 'json', got {tensor_body!r}")
         if bucket_mb <= 0:
             raise ValueError(f"rollout.sync_bucket_mb must be > 0, got {bucket_mb}")
         self.clients = [] if clients is None else ([clients] if isinstance(clients, RolloutClient) else list(clients))
@@ -117,6 +122,9 @@ class WeightSync:
         self.name_map = name_map
         self.pause_mode = pause_mode
         self.in_flight = max(1, in_flight)
+        self.tensor_body = tensor_body
+        self._binary: Optional[list[bool]] = None  # per client: takes the raw-body update
+        self._send_buffers = tensor_codec.BufferPool(keep=self.in_flight + 1)
         self._asked_dtype = False
         self._group = None
         if _rank() == 0 and not self.clients:
@@ -186,10 +194,7 @@ class WeightSync:
         failure: Optional[str] = None
         if rank0:
             try:
-                if self.dtype is None and not self._asked_dtype:  # the served dtype, if the server says
-                    served = self.clients[0].model_info().get("dtype")
-                    self.dtype = parse_dtype(served) if served else None
-                    self._asked_dtype = True
+                self._ask_servers()
                 for c in self.clients:
                     c.pause_generation(self.pause_mode)
                     c.flush_cache()
@@ -197,37 +202,47 @@ class WeightSync:
                 failure = str(err)
         self._agree(failure)
         stats = SyncStats(0.0, 0, 0, 0)
-        pending: list[Future] = []  # tensor method: bucket posts in flight, oldest first
+        pending: list[tuple[Future, torch.Tensor]] = []  # tensor method: (post, its buffer), oldest first
         pool = ThreadPoolExecutor(max_workers=self.in_flight, thread_name_prefix="weight-sync") if rank0 else None
         try:
             for bucket in self._buckets(named):
-                failure, blob = None, None
+                failure, buf, blob = None, None, None
                 with _gathered([p for _, p in bucket]), torch.no_grad():
                     if rank0:
                         try:
                             tensors = [(n, self._cast(p.data)) for n, p in bucket]
                             stats.tensors += len(tensors)
-                            stats.bytes += sum(t.numel() * t.element_size() for _, t in tensors)
-                            if self.method == "tensor":
-                                blob = tensor_codec.encode(dict(tensors), as_bytes=True)
+                            stats.bytes += stats_bytes(tensors)
+                            if self.method == "tensor" and all(_stays(p, t) for (_, p), (_, t) in zip(bucket, tensors)):
+                                blob = tensor_codec.blob_parts(dict(tensors))  # sent from where they are
+                            elif self.method == "tensor":  # gathered (freed at the end of the `with`) or on GPU
+                                buf = self._send_buffers.acquire(max(self.bucket_bytes, stats_bytes(tensors)) + MB)
+                                blob = tensor_codec.serialize(dict(tensors), out=buf)
+                                if blob.nbytes > buf.numel():  # a huge header: written elsewhere
+                                    self._send_buffers.release(buf)
+                                    buf = None
                             else:
                                 self._broadcast_bucket(tensors, weight_version)
                             del tensors
                         except Exception as err:
                             failure = f"{type(err).__name__}: {err}"
                 if rank0 and failure is None and self.method == "tensor":
-                    # At most `in_flight` buckets travel at once: the server decodes one while
-                    # it reads the next, and the ranks gather and encode the one after.
+                    # At most `in_flight` buckets travel at once: the server applies one while
+                    # it reads the next, and the ranks gather and serialize the one after.
                     while len(pending) >= self.in_flight and failure is None:
-                        failure = _result(pending.pop(0))
+                        failure = self._finish(*pending.pop(0))
                     if failure is None:
-                        pending.append(pool.submit(self._post_blob, blob, weight_version))
-                blob = None
+                        pending.append((pool.submit(self._post_blob, blob, weight_version), buf))
+                    else:
+                        self._send_buffers.release(buf)
+                elif buf is not None:
+                    self._send_buffers.release(buf)
+                blob = buf = None
                 self._agree(failure)
                 stats.buckets += 1
             if rank0:
-                for fut in pending:
-                    failure = failure or _result(fut)
+                while pending:
+                    failure = self._finish(*pending.pop(0)) or failure
             self._agree(failure)
             if rank0:
                 for c in self.clients:
@@ -235,6 +250,8 @@ class WeightSync:
         finally:
             if pool is not None:
                 pool.shutdown(wait=True)
+                for _, buf in pending:
+                    self._send_buffers.release(buf)
         stats.seconds = time.perf_counter() - start
         return stats
 
@@ -265,9 +282,36 @@ class WeightSync:
         t = t.detach()
         return t.to(self.dtype) if self.dtype is not None and t.dtype != self.dtype else t
 
-    def _post_blob(self, blob: bytes, weight_version: Optional[str]):
-        for c in self.clients:
-            c.update_weights_from_serialized([blob], flush_cache=False, weight_version=weight_version)
+    def _ask_servers(self) -> None:
+        """Once: the served dtype (if the server says) and which body each server takes."""
+        need_dtype = self.dtype is None and not self._asked_dtype
+        need_body = self.method == "tensor" and self._binary is None
+        if not (need_dtype or need_body):
+            return
+        infos = [c.model_info() for c in self.clients]
+        if need_dtype:
+            served = infos[0].get("dtype")
+            self.dtype = parse_dtype(served) if served else None
+            self._asked_dtype = True
+        if need_body:
+            self._binary = [self.tensor_body == "binary" or (
+                self.tensor_body == "auto" and "binary" in (info.get("tensor_update_bodies") or [])) for info in infos]
+
+    def _post_blob(self, blob, weight_version: Optional[str]):
+        encoded = None
+        for c, binary in zip(self.clients, self._binary or [False] * len(self.clients)):
+            if binary:
+                c.update_weights_from_blob(blob, flush_cache=False, weight_version=weight_version)
+            else:
+                encoded = encoded or tensor_codec.b64encode(b"".join(blob) if isinstance(blob, list) else blob)
+                c.update_weights_from_serialized([encoded], flush_cache=False, weight_version=weight_version)
+
+    def _finish(self, fut: Future, buf: Optional[torch.Tensor]) -> Optional[str]:
+        """Wait for one bucket's post, give its buffer back; the error, if any."""
+        try:
+            return _result(fut)
+        finally:
+            self._send_buffers.release(buf)
 
     def _broadcast_bucket(self, tensors, weight_version):
         names = [n for n, _ in tensors]
@@ -286,8 +330,10 @@ class WeightSync:
         for t in threads:
             t.start()
         try:
-            for _, t in tensors:
-                dist.broadcast(t.contiguous(), src=0, group=self._group)
+            # Issued all at once and then waited on: the per-call overhead overlaps the transfers.
+            sent = [t.contiguous() for _, t in tensors]
+            for work in [dist.broadcast(t, src=0, group=self._group, async_op=True) for t in sent]:
+                work.wait()
         finally:
             for t in threads:
                 t.join(self.timeout_s + 60)
@@ -308,6 +354,18 @@ class WeightSync:
         if failure is not None:
             raise RolloutError(f"weight sync failed: {failure}. The rollout servers are left paused with partly "
                                "updated weights; sync again (or restart them) before generating.")
+
+
+def _stays(param: torch.Tensor, t: torch.Tensor) -> bool:
+    """Whether `t` (the bucket's tensor for `param`) outlives the gather unchanged until the
+    sync ends, on the CPU: then it is sent without a copy. A ZeRO-3 parameter's gathered
+    data is freed when the gather ends; a cast made a tensor of its own."""
+    own = not hasattr(param, "ds_id") or t.data_ptr() != param.data.data_ptr()
+    return own and t.device.type == "cpu" and t.is_contiguous()
+
+
+def stats_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for _, t in tensors)
 
 
 def _result(fut: Optional[Future]) -> Optional[str]:

@@ -32,6 +32,8 @@ class ServedWeights:
         # received bucket is swapped in instead of copied (one model's worth of extra memory).
         self._spares: Dict[str, torch.Tensor] = {}
         self._receive_lock = threading.Lock()
+        self._claims_lock = threading.Lock()
+        self._claimed: set[str] = set()  # spares an update is landing in right now
         self.version: Optional[str] = None
 
     def describe(self) -> Dict[str, dict]:
@@ -100,23 +102,47 @@ class ServedWeights:
             raise FieldError("shapes", f"update of {total} bytes exceeds the limit of {self.max_bytes} bytes", 413)
         with self._receive_lock:
             received = [(name, self._landing(name, dtype, shape)) for name, (dtype, shape) in zip(names, specs)]
-            for _, buf in received:
-                torch.distributed.broadcast(buf, src=0, group=group)
+            try:
+                works = [torch.distributed.broadcast(buf, src=0, group=group, async_op=True) for _, buf in received]
+                for work in works:  # issued at once, waited in order: per-call overhead overlaps the transfers
+                    work.wait()
+            except BaseException:
+                self.release(names)
+                raise
         out = dict(received)  # checked only after receiving, so the sender never blocks on us
         if len(out) != len(received):
             raise FieldError("names", "a weight name appears twice in one update")
         return out
 
     def _landing(self, name: str, dtype: torch.dtype, shape) -> torch.Tensor:
-        """Where a received tensor lands: the weight's spare storage when it fits (swapped in by
-        `swap_in`), else a throwaway buffer (the update will be rejected)."""
+        """Where a received tensor lands: the weight's spare storage when it fits and no other
+        update is landing there (claimed until `release`; `swap_in` makes it the weight),
+        else a throwaway buffer."""
         target = self.tensors.get(name)
         if target is None or target.dtype != dtype or tuple(target.shape) != tuple(shape):
             return torch.empty(shape, dtype=dtype, device=self.device)
-        spare = self._spares.get(name)
-        if spare is None or spare.data_ptr() == target.data_ptr():
-            spare = self._spares[name] = torch.empty_like(target)
-        return spare
+        with self._claims_lock:
+            if name in self._claimed:
+                return torch.empty_like(target)
+            self._claimed.add(name)
+            spare = self._spares.get(name)
+            if spare is None or spare.data_ptr() == target.data_ptr():
+                spare = self._spares[name] = torch.empty_like(target)
+            return spare
+
+    def release(self, names) -> None:
+        """End the claims `_landing` took on these weights' spares."""
+        with self._claims_lock:
+            self._claimed.difference_update(names)
+
+    def landing_for(self, specs) -> list[torch.Tensor]:
+        """Destinations for a streamed update (`tensor_codec.StreamDecoder`): checked in full
+        first (a FieldError refuses it before any byte lands), then each weight's spare."""
+        self.check({s.name: torch.empty(s.shape, dtype=s.dtype, device="meta") for s in specs},
+                   {s.name: "body" for s in specs})
+        if self.device.type != "cpu":  # received on the host; `apply` copies them over
+            return [torch.empty(s.shape, dtype=s.dtype) for s in specs]
+        return [self._landing(s.name, s.dtype, s.shape) for s in specs]
 
     def swap_in(self, named: Mapping[str, torch.Tensor]) -> int:
         """Validate everything, then make each received tensor the weight's storage (no copy);

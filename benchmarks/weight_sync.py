@@ -5,12 +5,14 @@
 For each method, the full sync (pause, flush, every bucket, continue; the server validates
 and applies every tensor) is timed beside the bare transport of the same bytes:
 
-- tensor: one HTTP POST carrying the model's raw bytes to a uvicorn endpoint that reads
-  and drops them (same HTTP stack, no base64, no parsing, no copy into a model);
+- tensor, both bodies the server takes: the safetensors blob as the raw body (what weight
+  sync uses with our server) and base64 inside SGLang's JSON body; beside one HTTP POST
+  carrying the model's raw bytes to a uvicorn endpoint that reads and drops them (same
+  HTTP stack, no base64, no parsing, no copy into a model);
 - distributed: one gloo broadcast of one flat tensor of the model's size, between this
   process and a bare torch process (same backend, same loopback).
 
-Target: sync / transport <= 2. Prints a table; the median of `--repeats` runs is reported.
+Target: sync / transport <= 2. Prints a table: medians of `--repeats` interleaved rounds.
 """
 from __future__ import annotations
 
@@ -135,60 +137,59 @@ def main() -> None:
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     print(f"model: {n_params / 1e6:.0f}M parameters, {nbytes / 2**20:.0f} MiB fp32; bucket {args.bucket_mb} MB; "
           f"median of {args.repeats}; {args.threads} torch thread(s) per process", flush=True)
-    rows = []
     with LocalServer(model_dir, log_file=tmp / "server.log") as server:
         client = server.client(timeout_s=600)
-        # --- tensor path vs one raw HTTP request
-        sync = WeightSync(client, "tensor", args.bucket_mb)
-        sync.sync(model)  # warm-up
-        t_sync = statistics.median(sync.sync(model).seconds for _ in range(args.repeats))
         port_file = tmp / "discard.port"
-        helper = subprocess.Popen([sys.executable, __file__, "--discard-server", str(port_file)])
+        http_helper = subprocess.Popen([sys.executable, __file__, "--discard-server", str(port_file)])
+        gloo_port = free_port()
+        gloo_helper = subprocess.Popen([sys.executable, __file__, "--gloo-receiver", str(gloo_port),
+                                        str(nbytes // 4), str(args.repeats)])
         try:
-            url = f"http://127.0.0.1:{_wait_file(port_file, helper)}/discard"
-            payload = bytes(nbytes)
+            url = f"http://127.0.0.1:{_wait_file(port_file, http_helper)}/discard"
             while True:
                 try:
                     requests.post(url, data=b"x", timeout=5)
                     break
                 except requests.ConnectionError:
                     time.sleep(0.2)
-            times = []
-            for _ in range(args.repeats + 1):
-                t = time.perf_counter()
+            payload = bytes(nbytes)
+            flat = torch.randn(nbytes // 4)
+            group = create_group("gloo", "127.0.0.1", gloo_port, 0, 2, "bench", 120)
+            binary = WeightSync(client, "tensor", args.bucket_mb, tensor_body="binary")
+            json_body = WeightSync(client, "tensor", args.bucket_mb, tensor_body="json")
+            dist_sync = WeightSync(client, "distributed", args.bucket_mb, timeout_s=600)
+            dist_sync.connect()
+
+            def post_raw():
                 assert requests.post(url, data=payload, timeout=600).json()["bytes"] == nbytes
-                times.append(time.perf_counter() - t)
-            t_http = statistics.median(times[1:])
-            del payload
-        finally:
-            helper.kill()
-        rows.append(("tensor (HTTP, base64 safetensors)", t_sync, "one HTTP POST of the raw bytes", t_http))
 
-        # --- distributed path vs one flat gloo broadcast
-        sync = WeightSync(client, "distributed", args.bucket_mb, timeout_s=600)
-        sync.connect()
-        sync.sync(model)
-        t_sync = statistics.median(sync.sync(model).seconds for _ in range(args.repeats))
-        sync.close()
-        port = free_port()
-        numel = nbytes // 4
-        helper = subprocess.Popen([sys.executable, __file__, "--gloo-receiver", str(port), str(numel),
-                                   str(args.repeats)])
-        try:
-            group = create_group("gloo", "127.0.0.1", port, 0, 2, "bench", 120)
-            flat = torch.randn(numel)
-            times = []
-            for _ in range(args.repeats + 1):
-                t = time.perf_counter()
+            def broadcast_flat():
                 torch.distributed.broadcast(flat, src=0, group=group)
-                times.append(time.perf_counter() - t)
-            helper.wait(120)
-            t_flat = statistics.median(times[1:])
-            torch.distributed.destroy_process_group(group)
-        finally:
-            helper.kill()
-        rows.append(("distributed (gloo broadcast)", t_sync, "one flat gloo broadcast", t_flat))
 
+            cases = {"binary": lambda: binary.sync(model), "json": lambda: json_body.sync(model),
+                     "http": post_raw, "dist": lambda: dist_sync.sync(model), "gloo": broadcast_flat}
+            times = {k: [] for k in cases}
+            # Interleaved rounds (first one a warm-up): the machine's speed drifts, and each
+            # ratio compares runs taken side by side.
+            for round_ in range(args.repeats + 1):
+                for name, fn in cases.items():
+                    t = time.perf_counter()
+                    fn()
+                    if round_:
+                        times[name].append(time.perf_counter() - t)
+            dist_sync.close()
+            torch.distributed.destroy_process_group(group)
+            gloo_helper.wait(120)
+        finally:
+            http_helper.kill()
+            gloo_helper.kill()
+    for k, v in times.items():
+        print(f"{k:>7}: " + " ".join(f"{x:.2f}" for x in v))
+    t = {k: statistics.median(v) for k, v in times.items()}
+    rows = [("tensor, raw safetensors body (used with our server)", t["binary"], "one HTTP POST of the raw bytes",
+             t["http"]),
+            ("tensor, base64 in SGLang's JSON body", t["json"], "one HTTP POST of the raw bytes", t["http"]),
+            ("distributed (gloo broadcast per tensor)", t["dist"], "one flat gloo broadcast", t["gloo"])]
     print("\n| method | sync s | GB/s | baseline | baseline s | sync / baseline |")
     print("|---|---|---|---|---|---|")
     for name, ts, base, tb in rows:

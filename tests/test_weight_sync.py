@@ -73,11 +73,12 @@ def served(client):
     return [(s.output_ids, s.logprobs) for s in client.generate(PROMPTS, SP)]
 
 
-@pytest.mark.parametrize("method", ["tensor", "distributed"])
+@pytest.mark.parametrize("method", ["tensor", "tensor-json", "distributed"])
 def test_sync_makes_served_logprobs_match(client, model, method):
     perturb(model, 1)
     assert max_diff(client, model) > 1e-3
-    sync = WeightSync(client, method, bucket_mb=0.05, timeout_s=20)
+    method, _, body = method.partition("-")
+    sync = WeightSync(client, method, bucket_mb=0.05, timeout_s=20, tensor_body=body or "auto")
     try:
         stats = sync.sync(Policy(model), weight_version=f"v-{method}")
         assert stats.tensors == len(list(model.parameters())) and stats.buckets >= 5
@@ -116,6 +117,58 @@ def test_rejected_tensor_updates_leave_weights_untouched(server, client, model):
         r = requests.post(server.url + "/update_weights_from_tensor", json=body, timeout=30)
         assert r.status_code == 400 and r.json()["field"] == field, r.text
     assert served(client) == before  # bit-identical: nothing was applied
+
+
+def test_rejected_binary_updates_leave_weights_untouched(server, client, model):
+    """The raw-body form: same all-or-nothing checks, errors naming the body or query key."""
+    assert "binary" in client.model_info()["tensor_update_bodies"]
+    before = served(client)
+    sd = model.state_dict()
+    good = {k: v + 1.0 for k, v in list(sd.items())[:3]}
+    url = server.url + "/update_weights_from_tensor"
+    octet = {"Content-Type": "application/octet-stream"}
+    for named, name in [({**good, "model.layers.0.mlp.up_proj.weight": torch.zeros(3, 3)}, "up_proj"),
+                        ({**good, "model.layers.99.nope.weight": torch.zeros(2)}, "nope"),
+                        ({**good, "lm_head.weight": sd["lm_head.weight"].to(torch.float16)}, "float16")]:
+        with pytest.raises(RolloutError) as err:
+            client.update_weights_from_blob(tensor_codec.serialize(named))
+        assert err.value.status == 400 and err.value.field == "body" and name in str(err.value)
+    blob = bytes(tensor_codec.serialize(good))
+    for data, params, status, field in [
+        (blob[:-4], {}, 400, "body"),  # truncated data region
+        (b"\xff" * 16, {}, 400, "body"),  # header length past the end
+        (blob, {"load_format": "pickle"}, 400, "load_format"),
+        (blob, {"flush_cache": "maybe"}, 400, "flush_cache"),
+        (blob, {"weights_version": "x"}, 400, "weights_version"),
+        (iter([blob]), {}, 411, "Content-Length"),  # chunked: no declared length
+    ]:
+        r = requests.post(url, data=data, params=params, headers=octet, timeout=30)
+        assert r.status_code == status and r.json()["field"] == field, r.text
+    assert served(client) == before  # bit-identical: nothing was applied
+    client.update_weights_from_blob(tensor_codec.serialize(dict(sd)), weight_version="binary-ok")
+    assert client.model_info()["weight_version"] == "binary-ok"
+
+
+def test_binary_body_shorter_than_declared_is_a_400_and_the_server_keeps_serving(server, client):
+    import http.client
+    from urllib.parse import urlparse
+
+    u = urlparse(server.url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+    conn.putrequest("POST", "/update_weights_from_tensor")
+    conn.putheader("Content-Type", "application/octet-stream")
+    conn.putheader("Content-Length", "1000")
+    conn.endheaders()
+    conn.send(b"x" * 10)
+    conn.sock.shutdown(1)  # the client stops sending: the body ends early
+    try:
+        resp = conn.getresponse()
+        assert resp.status == 400 and b"Content-Length" in resp.read()
+    except (ConnectionError, http.client.RemoteDisconnected):
+        pass  # the server may also just drop a connection whose body never came
+    finally:
+        conn.close()
+    assert client.health() and client.generate(PROMPTS, SP)
 
 
 def test_rejected_distributed_update_leaves_weights_untouched_and_group_usable(client, model):
@@ -182,6 +235,82 @@ def test_tensor_codec_round_trip_is_standard_safetensors():
     assert all(torch.equal(decoded[k], v) for k, v in named.items())
     with pytest.raises(tensor_codec.CodecError):
         tensor_codec.decode("not base64 at all!")
+    # Our reader agrees with the reference writer too (metadata, its own layout), with views, not copies.
+    from safetensors.torch import save
+
+    ref = {k: v.contiguous() for k, v in named.items()}
+    back = tensor_codec.parse(save(ref, metadata={"format": "pt"}))
+    assert all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in ref.items())
+    assert tensor_codec.parse(bytes(blob))["a"]._base is not None
+    # A reused buffer: the blob is written into it when it fits.
+    buf = torch.empty(1 << 16, dtype=torch.uint8)
+    view = tensor_codec.serialize(named, out=buf)
+    assert view.nbytes == len(blob) and bytes(view) == bytes(blob) and buf[:8].tolist() == list(bytes(blob)[:8])
+
+
+def test_stream_decoder_lands_any_chunking_in_the_destinations():
+    import random
+
+    named = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16), "c": torch.arange(6).view(2, 3),
+             "d": torch.tensor(True), "e": torch.empty(0, 4)}
+    parts = tensor_codec.blob_parts(named)  # the zero-copy form sends the same bytes as serialize()
+    blob = b"".join(bytes(p) for p in parts)
+    assert blob == bytes(tensor_codec.serialize(named))
+    rng = random.Random(0)
+    for _ in range(30):
+        dests = {}
+        dec = tensor_codec.StreamDecoder(len(blob), lambda specs: [dests.setdefault(
+            s.name, torch.empty(s.shape, dtype=s.dtype)) for s in specs])
+        at = 0
+        while at < len(blob):
+            step = rng.randint(1, 64)
+            dec.feed(blob[at:at + step])
+            at += step
+        out = dec.finish()
+        assert list(out) == list(named) and all(out[k] is dests[k] and torch.equal(out[k], v) for k, v in named.items())
+    short = tensor_codec.StreamDecoder(len(blob) + 8, lambda specs: [torch.empty(s.shape, dtype=s.dtype) for s in specs])
+    short.feed(blob)
+    with pytest.raises(tensor_codec.CodecError, match="data bytes"):  # the header says less than declared
+        short.finish()
+    refused = tensor_codec.StreamDecoder(len(blob), lambda specs: (_ for _ in ()).throw(ValueError("no such weight")))
+    refused.feed(blob)  # the rest is read and dropped, then the refusal is raised
+    assert refused.received == len(blob)
+    with pytest.raises(ValueError, match="no such weight"):
+        refused.finish()
+    with pytest.raises(tensor_codec.CodecError, match="longer"):
+        refused.feed(b"x")
+
+
+def _blob_with(header: dict, data: bytes) -> bytes:
+    import json
+    import struct
+
+    head = json.dumps(header).encode()
+    return struct.pack("<Q", len(head)) + head + data
+
+
+@pytest.mark.parametrize("blob, message", [
+    (b"short", "too short"),
+    (b"\xff" * 8 + b"{}", "header length"),
+    (_blob_with([], b""), "not a JSON object"),
+    (b"\x04\0\0\0\0\0\0\0{{{{", "not JSON"),
+    (_blob_with({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4), "data bytes"),
+    (_blob_with({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4), "needs 8 bytes"),
+    (_blob_with({"a": {"dtype": "Q7", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4), "unknown dtype"),
+    (_blob_with({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4), "shape"),
+    (_blob_with({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                 "b": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4), "no gap or overlap"),
+    (_blob_with({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8), "no gap or overlap"),
+    (_blob_with({"a": {"dtype": "F32", "shape": [1]}}, b"\0" * 4), "exactly dtype, shape and data_offsets"),
+    (_blob_with({"__metadata__": {"k": 1}}, b""), "__metadata__"),
+])
+def test_tensor_codec_rejects_malformed_blobs(blob, message):
+    from safetensors.torch import load
+
+    with pytest.raises(tensor_codec.CodecError, match=message):
+        tensor_codec.parse(blob)
+    with pytest.raises(Exception):  # the reference reader refuses them as well
+        load(blob)
 
 
 def test_long_strings_are_lifted_only_when_plain():
