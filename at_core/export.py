@@ -13,16 +13,11 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from at_rollout.weight_sync import gathered
+
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _gathered(params):
-    import deepspeed
-
-    zero3 = [p for p in params if hasattr(p, "ds_id")]
-    return deepspeed.zero.GatheredParameters(zero3, modifier_rank=None, enabled=bool(zero3))
 
 
 def export_hf(model, tokenizer, out_dir: str | Path, shard_mb: int = 1024, dtype: torch.dtype | None = None) -> Path:
@@ -43,7 +38,7 @@ def export_hf(model, tokenizer, out_dir: str | Path, shard_mb: int = 1024, dtype
     weight_map: Dict[str, str] = {}
     total = 0
     for i, bucket in enumerate(buckets):
-        with _gathered([p for _, p in bucket]):
+        with gathered([p for _, p in bucket]):
             if _rank() == 0:
                 tensors = {n: p.detach().to("cpu", dtype or p.dtype).clone() for n, p in bucket}
                 fname = f"model-{i + 1:05d}-of-{len(buckets):05d}.safetensors"

@@ -17,6 +17,7 @@ from typing import Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.requests import ClientDisconnect
 from pydantic import ValidationError
 
 from .generator import Generator, SamplingParams
@@ -122,6 +123,9 @@ async def _binary_tensor_update(request: Request, state: "ServerState") -> dict:
             async for chunk in request.stream():
                 decoder.feed(chunk)
             named = decoder.finish()
+        except ClientDisconnect:
+            raise FieldError("Content-Length", f"the client went away after {decoder.received} of {size} bytes; "
+                                               "nothing was applied") from None
         except FieldError:
             raise
         except tensor_codec.CodecError as err:

@@ -2,7 +2,8 @@
 
 Request bodies are pydantic models in strict mode with unknown fields forbidden, so a
 typo or a wrong type is a 400 that names the field instead of a silently ignored knob.
-Tensors travel as base64 safetensors (`tensor_codec.py`): nothing received is unpickled.
+Tensors travel as safetensors blobs (`tensor_codec.py`), base64 in JSON or, to our server, as a
+raw body: nothing received is unpickled.
 
 Field names follow SGLang's `python/sglang/srt/managers/io_struct.py` (GenerateReqInput,
 UpdateWeightsFromTensorReqInput, InitWeightsUpdateGroupReqInput,

@@ -207,7 +207,7 @@ class WeightSync:
         try:
             for bucket in self._buckets(named):
                 failure, buf, blob = None, None, None
-                with _gathered([p for _, p in bucket]), torch.no_grad():
+                with gathered([p for _, p in bucket]), torch.no_grad():
                     if rank0:
                         try:
                             tensors = [(n, self._cast(p.data)) for n, p in bucket]
@@ -378,16 +378,15 @@ def _result(fut: Optional[Future]) -> Optional[str]:
         return f"{type(err).__name__}: {err}"
 
 
-@contextlib.contextmanager
-def _gathered(params):
-    zero = [p for p in params if hasattr(p, "ds_id")]
-    if not zero:
-        yield
-        return
+def gathered(params):
+    """Context in which the ZeRO-3 parameters among `params` are whole on every rank (all
+    ranks must enter it); plain parameters pass through."""
+    zero3 = [p for p in params if hasattr(p, "ds_id")]
+    if not zero3:
+        return contextlib.nullcontext()
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters(zero, modifier_rank=None):
-        yield
+    return deepspeed.zero.GatheredParameters(zero3, modifier_rank=None)
 
 
 def _address_towards(url: str) -> str:
