@@ -149,6 +149,33 @@ def test_rejected_binary_updates_leave_weights_untouched(server, client, model):
     assert client.model_info()["weight_version"] == "binary-ok"
 
 
+def test_concurrent_binary_updates_of_the_same_weights_never_mix(client, model):
+    """Two updates of the same weights in flight at once: each lands in storage of its own
+    (one in the spare, the other in a fresh buffer), so the served tensors are one update
+    or the other, whole, never a mixture."""
+    import threading
+
+    sd = model.state_dict()
+    names = [k for k in sd if k.startswith("model.layers.0.")]
+    updates = [{k: torch.full_like(sd[k], float(v)) for k in names} for v in (1, 2)]
+    blobs = [bytes(tensor_codec.serialize(u)) for u in updates]
+    for _ in range(3):
+        threads = [threading.Thread(target=client.update_weights_from_blob, args=(b,)) for b in blobs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        # Whichever was swapped in last is served, whole (both carry the same weights).
+        assert min(max_diff(client, _with(model, u)) for u in updates) < 1e-5
+    client.update_weights_from_blob(tensor_codec.serialize(dict(sd)))  # leave the served model as it was
+
+
+def _with(model, update):
+    m = copy.deepcopy(model)
+    m.load_state_dict(update, strict=False)
+    return m
+
+
 def test_binary_body_shorter_than_declared_is_a_400_and_the_server_keeps_serving(server, client):
     import http.client
     from urllib.parse import urlparse
