@@ -117,7 +117,8 @@ async def _binary_tensor_update(request: Request, state: "ServerState") -> dict:
         raise FieldError(None, f"request body of {size} bytes exceeds the limit of "
                                f"{state.max_weights_request_bytes} bytes", 413)
     start = time.perf_counter()
-    decoder = tensor_codec.StreamDecoder(size, state.weights.landing_for)
+    owner = object()  # this update's claims on spare storage
+    decoder = tensor_codec.StreamDecoder(size, lambda specs: state.weights.landing_for(specs, owner))
     try:
         try:
             async for chunk in request.stream():
@@ -139,7 +140,7 @@ async def _binary_tensor_update(request: Request, state: "ServerState") -> dict:
 
         count = await asyncio.to_thread(work)
     finally:
-        state.weights.release(decoder.tensors)
+        state.weights.release(decoder.tensors, owner)
     log.info("update_weights_from_tensor (binary): %d tensors, %.1f MB; read %.2fs, swap in %.2fs", count,
              size / 1e6, read_s, time.perf_counter() - start - read_s)
     return _updated(state, count, opts["weight_version"])
@@ -339,8 +340,9 @@ def create_app(state: ServerState) -> FastAPI:
 
         def work():
             start = time.perf_counter()
+            owner = object()  # this update's claims on spare storage
             try:
-                named = state.weights.receive(req.names, req.dtypes, req.shapes, req.group_name)
+                named = state.weights.receive(req.names, req.dtypes, req.shapes, req.group_name, owner)
             except FieldError:
                 raise
             except Exception as err:
@@ -349,7 +351,7 @@ def create_app(state: ServerState) -> FastAPI:
             try:
                 count = state.weights.swap_in(named)
             finally:
-                state.weights.release(named)
+                state.weights.release(named, owner)
             log.info("update_weights_from_distributed: %d tensors, %.1f MB; receive %.2fs, swap in %.2fs", count,
                      sum(t.numel() * t.element_size() for t in named.values()) / 1e6, received_s,
                      time.perf_counter() - start - received_s)

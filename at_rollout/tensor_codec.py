@@ -229,11 +229,11 @@ class StreamDecoder:
 
     def _start(self, specs: list[TensorSpec]) -> None:
         dests = self.destinations(specs)
+        self.tensors = {spec.name: dst for spec, dst in zip(specs, dests)}  # all of them, for the caller's cleanup
         for spec, dst in zip(specs, dests):
             if dst.dtype != spec.dtype or list(dst.shape) != list(spec.shape) or not dst.is_contiguous() \
                     or dst.device.type != "cpu":
                 raise CodecError(f"{spec.name}: no contiguous CPU destination of its dtype and shape")
-            self.tensors[spec.name] = dst
             if spec.end > spec.begin:
                 self._spans.append((spec.begin, spec.end, memoryview(dst.reshape(-1).view(torch.uint8).numpy())))
         self._spans.sort(key=lambda s: s[0])

@@ -33,7 +33,7 @@ class ServedWeights:
         self._spares: Dict[str, torch.Tensor] = {}
         self._receive_lock = threading.Lock()
         self._claims_lock = threading.Lock()
-        self._claimed: set[str] = set()  # spares an update is landing in right now
+        self._claimed: Dict[str, object] = {}  # weight -> the update landing in its spare right now
         self.version: Optional[str] = None
 
     def describe(self) -> Dict[str, dict]:
@@ -80,7 +80,7 @@ class ServedWeights:
         self.groups[group_name] = create_group(backend, master_address, master_port, rank_offset, world_size,
                                                group_name, self.timeout_s)
 
-    def receive(self, names, dtypes, shapes, group_name: str) -> Dict[str, torch.Tensor]:
+    def receive(self, names, dtypes, shapes, group_name: str, owner: object) -> Dict[str, torch.Tensor]:
         """Receive one broadcast from rank 0 per tensor, in list order (into spare storage)."""
         group = self.groups.get(group_name)
         if group is None:
@@ -101,48 +101,51 @@ class ServedWeights:
         if self.max_bytes is not None and total > self.max_bytes:
             raise FieldError("shapes", f"update of {total} bytes exceeds the limit of {self.max_bytes} bytes", 413)
         with self._receive_lock:
-            received = [(name, self._landing(name, dtype, shape)) for name, (dtype, shape) in zip(names, specs)]
+            received = [(name, self._landing(name, dtype, shape, owner))
+                        for name, (dtype, shape) in zip(names, specs)]
             try:
                 works = [torch.distributed.broadcast(buf, src=0, group=group, async_op=True) for _, buf in received]
                 for work in works:  # issued at once, waited in order: per-call overhead overlaps the transfers
                     work.wait()
             except BaseException:
-                self.release(names)
+                self.release(names, owner)
                 raise
         out = dict(received)  # checked only after receiving, so the sender never blocks on us
         if len(out) != len(received):
             raise FieldError("names", "a weight name appears twice in one update")
         return out
 
-    def _landing(self, name: str, dtype: torch.dtype, shape) -> torch.Tensor:
+    def _landing(self, name: str, dtype: torch.dtype, shape, owner: object) -> torch.Tensor:
         """Where a received tensor lands: the weight's spare storage when it fits and no other
-        update is landing there (claimed until `release`; `swap_in` makes it the weight),
-        else a throwaway buffer."""
+        update is landing there (claimed for `owner` until it calls `release`; `swap_in` makes
+        it the weight), else a throwaway buffer."""
         target = self.tensors.get(name)
         if target is None or target.dtype != dtype or tuple(target.shape) != tuple(shape):
             return torch.empty(shape, dtype=dtype, device=self.device)
         with self._claims_lock:
             if name in self._claimed:
                 return torch.empty_like(target)
-            self._claimed.add(name)
+            self._claimed[name] = owner
             spare = self._spares.get(name)
             if spare is None or spare.data_ptr() == target.data_ptr():
                 spare = self._spares[name] = torch.empty_like(target)
             return spare
 
-    def release(self, names) -> None:
-        """End the claims `_landing` took on these weights' spares."""
+    def release(self, names, owner: object) -> None:
+        """End `owner`'s claims on these weights' spares (others' claims stay)."""
         with self._claims_lock:
-            self._claimed.difference_update(names)
+            for name in names:
+                if self._claimed.get(name) is owner:
+                    del self._claimed[name]
 
-    def landing_for(self, specs) -> list[torch.Tensor]:
+    def landing_for(self, specs, owner: object) -> list[torch.Tensor]:
         """Destinations for a streamed update (`tensor_codec.StreamDecoder`): checked in full
         first (a FieldError refuses it before any byte lands), then each weight's spare."""
         self.check({s.name: torch.empty(s.shape, dtype=s.dtype, device="meta") for s in specs},
                    {s.name: "body" for s in specs})
         if self.device.type != "cpu":  # received on the host; `apply` copies them over
             return [torch.empty(s.shape, dtype=s.dtype) for s in specs]
-        return [self._landing(s.name, s.dtype, s.shape) for s in specs]
+        return [self._landing(s.name, s.dtype, s.shape, owner) for s in specs]
 
     def swap_in(self, named: Mapping[str, torch.Tensor]) -> int:
         """Validate everything, then make each received tensor the weight's storage (no copy);

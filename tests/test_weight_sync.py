@@ -170,6 +170,31 @@ def test_concurrent_binary_updates_of_the_same_weights_never_mix(client, model):
     client.update_weights_from_blob(tensor_codec.serialize(dict(sd)))  # leave the served model as it was
 
 
+def test_spare_storage_claims_belong_to_their_update(model):
+    """An update landing in a weight's spare owns it until it releases it: a concurrent update
+    gets storage of its own, and that one's release does not free the first one's claim."""
+    import threading
+
+    from at_rollout.tensor_codec import TensorSpec
+    from at_rollout.weights import ServedWeights
+
+    weights = ServedWeights(model, threading.Lock())
+    name = "model.norm.weight"
+    t = weights.tensors[name]
+    spec = [TensorSpec(name, t.dtype, list(t.shape), 0, t.numel() * t.element_size())]
+    a, b, c = object(), object(), object()
+    (spare,) = weights.landing_for(spec, a)
+    (other,) = weights.landing_for(spec, b)
+    assert other.data_ptr() not in (spare.data_ptr(), t.data_ptr())
+    weights.release([name], b)  # b's release leaves a's claim alone
+    (third,) = weights.landing_for(spec, c)
+    assert third.data_ptr() != spare.data_ptr()
+    weights.release([name], a)
+    weights.release([name], c)
+    (again,) = weights.landing_for(spec, c)
+    assert again.data_ptr() == spare.data_ptr()  # free again: the spare is reused
+
+
 def _with(model, update):
     m = copy.deepcopy(model)
     m.load_state_dict(update, strict=False)
