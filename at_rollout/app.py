@@ -78,10 +78,18 @@ def _parse(model, body: bytes):
         raise field_error(err) from None
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+def _declared_length(request: Request, limit: int) -> Optional[int]:
+    """The Content-Length, if the client gave one; over `limit` is a 413 before any byte is read."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is None or not declared.isdigit():
+        return None
+    if int(declared) > limit:
         raise FieldError(None, f"request body of {declared} bytes exceeds the limit of {limit} bytes", 413)
+    return int(declared)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    _declared_length(request, limit)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
@@ -109,13 +117,9 @@ async def _binary_tensor_update(request: Request, state: "ServerState") -> dict:
     straight into the weights' spare storage and are swapped in once the body is complete,
     so the blob is never held whole and never copied again."""
     opts = _binary_update_options(request.query_params)
-    declared = request.headers.get("content-length")
-    if declared is None or not declared.isdigit():
+    size = _declared_length(request, state.max_weights_request_bytes)
+    if size is None:
         raise FieldError("Content-Length", "a binary weight update needs a Content-Length header", 411)
-    size = int(declared)
-    if size > state.max_weights_request_bytes:
-        raise FieldError(None, f"request body of {size} bytes exceeds the limit of "
-                               f"{state.max_weights_request_bytes} bytes", 413)
     start = time.perf_counter()
     owner = object()  # this update's claims on spare storage
     decoder = tensor_codec.StreamDecoder(size, lambda specs: state.weights.landing_for(specs, owner))
@@ -132,13 +136,7 @@ async def _binary_tensor_update(request: Request, state: "ServerState") -> dict:
         except tensor_codec.CodecError as err:
             raise FieldError("body", f"body: {err}") from None
         read_s = time.perf_counter() - start
-
-        def work():
-            if state.weights.device.type == "cpu":
-                return state.weights.swap_in(named)
-            return state.weights.apply(named, {name: "body" for name in named})
-
-        count = await asyncio.to_thread(work)
+        count = await asyncio.to_thread(state.weights.install, named)
     finally:
         state.weights.release(decoder.tensors, owner)
     log.info("update_weights_from_tensor (binary): %d tensors, %.1f MB; read %.2fs, swap in %.2fs", count,

@@ -249,7 +249,7 @@ class StreamDecoder:
 
 
 class BufferPool:
-    """Blob buffers (uint8 tensors) reused between weight updates, on either end: a fresh
+    """Blob buffers (uint8 tensors) the sender reuses between weight updates: a fresh
     multi-hundred-MB buffer per update costs more in page faults than the copies into it.
     Keeps at most `keep` free buffers, the largest."""
 
@@ -272,10 +272,6 @@ class BufferPool:
             self._free.append(buf)
             self._free.sort(key=torch.Tensor.numel, reverse=True)
             del self._free[self.keep:]
-
-    def clear(self) -> None:
-        with self._lock:
-            self._free.clear()
 
 
 def _as_uint8(blob) -> torch.Tensor:

@@ -143,9 +143,16 @@ class ServedWeights:
         first (a FieldError refuses it before any byte lands), then each weight's spare."""
         self.check({s.name: torch.empty(s.shape, dtype=s.dtype, device="meta") for s in specs},
                    {s.name: "body" for s in specs})
-        if self.device.type != "cpu":  # received on the host; `apply` copies them over
+        if self.device.type != "cpu":  # received on the host; `install` copies them over
             return [torch.empty(s.shape, dtype=s.dtype) for s in specs]
         return [self._landing(s.name, s.dtype, s.shape, owner) for s in specs]
+
+    def install(self, named: Mapping[str, torch.Tensor]) -> int:
+        """Serve an update received through `landing_for`: swapped in where it landed in the
+        spares (a CPU server), copied over from the host otherwise."""
+        if self.device.type == "cpu":
+            return self.swap_in(named)
+        return self.apply(named, {name: "body" for name in named})
 
     def swap_in(self, named: Mapping[str, torch.Tensor]) -> int:
         """Validate everything, then make each received tensor the weight's storage (no copy);
