@@ -1,6 +1,6 @@
 """Rollout server throughput against the same Generator called in-process.
 
-    python benchmarks/rollout.py [--size default] [--prompts 64] [--n 8] [--max-new-tokens 64]
+    python benchmarks/rollout.py [--size wide] [--prompts 64] [--n 8] [--max-new-tokens 64]
 
 The workload is the tiny CPU demo's: many short samples of the tiny R1-style model. Both
 sides sample the same requests with the same seeds (so they generate the same tokens);
@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", default="default", help="tiny model size: test | small | default")
+    ap.add_argument("--size", default="wide", help="tiny model size: test | small | wide")
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=64)

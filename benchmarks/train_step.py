@@ -74,7 +74,7 @@ def step_padded(model, opt, rollouts, micro_size, pad_id=0):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", default="small", help="tiny model size preset (test | small | default)")
+    ap.add_argument("--size", default="small", help="tiny model size preset (test | small | wide)")
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--rollouts", type=int, default=8)
     ap.add_argument("--short", type=int, default=40, help="no-think response length (tokens)")

@@ -14,12 +14,12 @@ from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForC
 # name -> (hidden, intermediate, layers, heads, kv_heads)
 SIZES = {
     "test": (64, 128, 2, 4, 2),  # ~0.1M parameters: unit tests
-    "small": (128, 384, 4, 4, 2),  # ~1M
-    "default": (192, 512, 6, 6, 2),  # ~3M: the embedded default
+    "small": (128, 384, 4, 4, 2),  # ~0.9M: the SFT base of the embedded default (`sft.Recipe`)
+    "wide": (192, 512, 6, 6, 2),  # ~2.5M: heavier generation for the rollout benchmark
 }
 
 
-def tiny_config(tokenizer, size: str = "default", max_positions: int = 1024) -> Qwen2Config:
+def tiny_config(tokenizer, size: str = "small", max_positions: int = 1024) -> Qwen2Config:
     if size not in SIZES:
         raise ValueError(f"tiny model size must be one of {sorted(SIZES)}, got {size!r}")
     hidden, inter, layers, heads, kv = SIZES[size]
@@ -42,7 +42,7 @@ def tiny_config(tokenizer, size: str = "default", max_positions: int = 1024) -> 
     )
 
 
-def build_model(model_dir: str | Path, size: str = "default", seed: int = 0) -> Qwen2ForCausalLM:
+def build_model(model_dir: str | Path, size: str = "small", seed: int = 0) -> Qwen2ForCausalLM:
     """Initialise a model for the tokenizer already saved in `model_dir` and save it there."""
     model_dir = Path(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
