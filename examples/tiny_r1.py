@@ -27,9 +27,6 @@ from at_core.config import ConfigError, load_config  # noqa: E402
 from at_core.eval import EvalSettings, generate_samples, summarize, write_results  # noqa: E402
 
 CONFIGS = ROOT / "examples" / "configs"
-# The SFT recipe of the default base (at_core.tiny.sft.Recipe fields): a 1M-parameter model on
-# 14,000 problems per tier; smaller data or larger steps left easy additions unlearnt.
-BASE_RECIPE = {"size": "small", "problems_per_tier": 14000, "max_batch_tokens": 1024, "lr": 3e-3}
 BASE_STYLES = ("standard", "no_think", "ellipsis")
 
 
@@ -160,8 +157,7 @@ def main(argv=None) -> int:
 
     setup_logging()
     phase("1/4 SFT: the tiny R1-style base (built once, then reused)")
-    base = Path(cfg.model.path) if cfg.model.path else build_base(out / "base", quick=args.quick, seed=cfg.seed,
-                                                                            **({} if args.quick else BASE_RECIPE))
+    base = Path(cfg.model.path) if cfg.model.path else build_base(out / "base", quick=args.quick, seed=cfg.seed)
     held_out = generate_all(cfg.data.tiny_eval_size, seed=cfg.seed + 1, split="test")
     train_problems = generate_all(cfg.data.tiny_train_size, seed=cfg.seed, split="train")
 

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from at_core.prompts import STYLE_SUFFIX, render_prompt
 from at_core.tiny import teacher
-from at_core.tiny.sft import MARKER, build_base, evaluate_base
+from at_core.tiny.sft import MARKER, build_base, evaluate_base, response_text, roles
 from at_core.tiny.task import TIERS, generate, generate_all, parse, split_key, split_of, tier_of
 from at_reward.autothink import detect_mode
 from at_reward.math import grade
@@ -131,6 +131,29 @@ def test_ellipsis_mode_is_one_token_choice(quick_base):
     assert len(firsts) == 1
     assert {tok(teacher.no_think_response(p), add_special_tokens=False)["input_ids"][0]
             for p in generate_all(20, 9)} == {tok.convert_tokens_to_ids("</think>")}
+
+
+def test_sft_roles_keep_the_ellipsis_choice_even_in_every_tier():
+    for tier in TIERS:
+        cycle = roles(tier)
+        assert cycle.count(("ellipsis", "think")) == cycle.count(("ellipsis", "no_think")) == 1
+        assert ("standard", "think") in cycle
+        assert (("no_think", "no_think") in cycle) == (tier != "hard")
+
+
+def test_forced_no_think_example_is_an_ellipsis_no_think_example(quick_base):
+    """Why hard problems need no forced no-think examples: the forced prompt plus its answer
+    is, token for token, the ellipsis prompt plus its no-think response."""
+    tok = AutoTokenizer.from_pretrained(quick_base)
+
+    def encode(problem, style, mode):  # as the SFT does: prompt and response tokenised apart
+        prompt = tok(render_prompt(tok, problem.problem, style), add_special_tokens=False)["input_ids"]
+        return prompt + tok(response_text(problem, mode, style), add_special_tokens=False)["input_ids"], len(prompt)
+
+    for p in generate_all(10, seed=3):
+        forced, forced_prompt = encode(p, "no_think", "no_think")
+        ellipsis, ellipsis_prompt = encode(p, "ellipsis", "no_think")
+        assert forced == ellipsis and forced_prompt == ellipsis_prompt + 2  # "</think>\n\n" moved into the prompt
 
 
 def test_packed_rows_match_separate_sequences(quick_base):

@@ -7,12 +7,15 @@ What the base must be, and why the SFT mixture looks the way it does:
 - ellipsis prompt (`<think>\\n...\\n`): half the targets close the block at once and half
   think, alternating within every tier, so the base picks a mode at random, independent
   of difficulty: exactly the R1 behaviour AutoThink starts from;
-- forced no-think prompt (`...\\n</think>\\n\\n`): the bare answer, so the no-think
-  baseline exists and the one-shot answer is trained on every tier (the model learns the
-  easy and medium tables, and fails on hard products it cannot compute in one shot).
+- forced no-think prompt (`...\\n</think>\\n\\n`): the bare answer on easy and medium
+  problems, so the no-think baseline exists and the one-shot answer is trained where it
+  can be learnt (the addition and multiplication tables). Hard products cannot be
+  computed in one shot, and the forced prompt followed by an answer is token for token an
+  ellipsis no-think example, so hard problems get no forced examples of their own: their
+  one-shot guesses would only spend the budget (see `roles`).
 
-Loss on response tokens only. Batches are bucketed by length (think and no-think examples
-differ threefold in length), so padding stays small. Deterministic given the seed.
+Loss on response tokens only. Examples are packed into rows of `row_tokens`, so padding
+stays small. Deterministic given the seed and the number of threads.
 
     python -m at_core.tiny.sft --out runs/tiny_base [--quick] [--eval 300]
 """
@@ -40,19 +43,26 @@ MARKER = "tiny_world.json"  # written last: its presence means the directory is 
 # (prompt style, mode) of the SFT examples, cycled within every tier: the ellipsis prompt
 # gets one think and one no-think target per cycle, whatever the difficulty.
 ROLES = (("standard", "think"), ("ellipsis", "think"), ("ellipsis", "no_think"), ("no_think", "no_think"))
+ONE_SHOT_TIERS = ("easy", "medium")  # tiers whose answer a one-shot model can learn
+
+
+def roles(tier: str) -> tuple[tuple[str, str], ...]:
+    """The role cycle of a tier: every role where the one-shot answer is learnable, else
+    all but the forced no-think one (its sequences are the ellipsis no-think ones)."""
+    return ROLES if tier in ONE_SHOT_TIERS else ROLES[:3]
 
 
 @dataclass(frozen=True)
 class Recipe:
     """Everything that decides the base model; recorded in the model directory."""
 
-    size: str = "default"
+    size: str = "small"  # a `model.SIZES` preset
     vocab_size: int = 512
-    problems_per_tier: int = 7000  # one SFT example each, roles cycled
-    hard_weight: int = 2  # hard problems per easy one: the long trace is what takes learning
+    problems_per_tier: int = 6500  # easy and medium problems each; one SFT example per problem, roles cycled
+    hard_weight: int = 3  # hard problems per easy one: the long trace is what takes learning
     row_tokens: int = 256  # examples are packed into rows of this many tokens
-    max_batch_tokens: int = 2048  # tokens (rows x row_tokens) per optimizer step
-    lr: float = 2e-3
+    max_batch_tokens: int = 1024  # tokens (rows x row_tokens) per optimizer step
+    lr: float = 3e-3
     min_lr_ratio: float = 0.02
     decay_fraction: float = 0.25
     warmup_steps: int = 30
@@ -60,7 +70,7 @@ class Recipe:
     seed: int = 0
 
 
-QUICK = {"size": "test", "problems_per_tier": 240, "max_batch_tokens": 2048, "lr": 3e-3, "warmup_steps": 5}
+QUICK = {"size": "test", "problems_per_tier": 240, "hard_weight": 2, "max_batch_tokens": 2048, "warmup_steps": 5}
 
 
 def sft_problems(recipe: "Recipe") -> list[Problem]:
@@ -90,7 +100,8 @@ def sft_examples(problems: list[Problem], tokenizer) -> list[tuple[list[int], in
     seen = {t: 0 for t in TIERS}
     prompts, responses = [], []
     for p in problems:
-        style, mode = ROLES[seen[p.tier] % len(ROLES)]
+        cycle = roles(p.tier)
+        style, mode = cycle[seen[p.tier] % len(cycle)]
         seen[p.tier] += 1
         prompts.append(render_prompt(tokenizer, p.problem, style))
         responses.append(response_text(p, mode, style))
@@ -198,8 +209,8 @@ def train(model, examples, recipe: Recipe, pad_id: int, progress: bool = True) -
     return losses
 
 
-def build_base(out_dir: str | Path, size: str = "default", quick: bool = False, seed: int = 0,
-               force: bool = False, progress: bool = True, threads: Optional[int] = None, **overrides) -> Path:
+def build_base(out_dir: str | Path, quick: bool = False, seed: int = 0, force: bool = False, progress: bool = True,
+               threads: Optional[int] = None, **overrides) -> Path:
     """Build the tiny R1-style base model in `out_dir` (an HF directory) and return its path.
 
     A directory already holding a base built from the same recipe is reused unless `force`.
@@ -209,9 +220,7 @@ def build_base(out_dir: str | Path, size: str = "default", quick: bool = False, 
     from at_core.tiny.tokenizer import build_tokenizer
     from transformers import AutoTokenizer, Qwen2ForCausalLM
 
-    fields = {"size": size, "seed": seed, **(QUICK if quick else {})}
-    if quick and size != "default":
-        fields["size"] = size
+    fields = {"seed": seed, **(QUICK if quick else {})}
     unknown = set(overrides) - set(Recipe.__dataclass_fields__)
     if unknown:
         raise TypeError(f"unknown recipe fields {sorted(unknown)}; valid: {sorted(Recipe.__dataclass_fields__)}")
@@ -316,15 +325,15 @@ def evaluate_base(model_dir: str | Path, n_per_tier: int = 300, style: str = "st
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Build the tiny R1-style base model (SFT from the teacher).")
     parser.add_argument("--out", required=True, help="model directory to write")
-    parser.add_argument("--size", default="default")
+    parser.add_argument("--size", default=None, help="model size preset (default: the recipe's, `small`)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a small model in seconds (tests)")
     parser.add_argument("--force", action="store_true", help="rebuild even if OUT holds this recipe")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--eval", type=int, default=0, metavar="N", help="then measure on N held-out problems per tier")
     args = parser.parse_args(argv)
-    out = build_base(args.out, size=args.size, quick=args.quick, seed=args.seed, force=args.force,
-                     threads=args.threads)
+    out = build_base(args.out, quick=args.quick, seed=args.seed, force=args.force, threads=args.threads,
+                     **({"size": args.size} if args.size else {}))
     record = json.loads((out / MARKER).read_text())
     print(f"built {out}: {record['steps']} steps, {record['tokens']} tokens, {record['seconds']} s, "
           f"{record['cpu_seconds']} cpu-s, loss {record['loss_first']:.3f} -> {record['loss_last']:.3f}")

@@ -1,6 +1,6 @@
 """The tiny world's task: integer arithmetic in three difficulty tiers.
 
-The tiers are built around what a ~3M-parameter model can do in one forward pass per
+The tiers are built around what a ~1M-parameter model can do in one forward pass per
 answer digit, because AutoThink only has something to learn where that differs by tier:
 
 - easy: single-digit addition (`7 + 5`): one recalled fact.
