@@ -124,6 +124,17 @@ def test_evaluate_base_reports_every_tier(quick_base):
         assert 1 <= r[tier]["mean_tokens"] <= 12
 
 
+@pytest.mark.timeout(240)
+def test_sft_command_reuses_the_base_and_reports_every_prompt(quick_base, capsys):
+    from at_core.tiny.sft import main
+
+    main(["--out", str(quick_base), "--quick", "--eval", "3"])
+    out = capsys.readouterr().out
+    assert out.startswith(f"built {quick_base}")
+    for line in ("standard  T=0.6", "no_think  T=0.6", "ellipsis  T=0.6", "think-on-hard-only projection"):
+        assert line in out
+
+
 def test_ellipsis_mode_is_one_token_choice(quick_base):
     """Think responses all begin with one token, so temperature cannot tilt the mode choice."""
     tok = AutoTokenizer.from_pretrained(quick_base)
@@ -133,7 +144,7 @@ def test_ellipsis_mode_is_one_token_choice(quick_base):
             for p in generate_all(20, 9)} == {tok.convert_tokens_to_ids("</think>")}
 
 
-def test_sft_roles_keep_the_ellipsis_choice_even_in_every_tier():
+def test_sft_roles_balance_the_ellipsis_choice_in_every_tier():
     for tier in TIERS:
         cycle = roles(tier)
         assert cycle.count(("ellipsis", "think")) == cycle.count(("ellipsis", "no_think")) == 1

@@ -317,8 +317,8 @@ def evaluate_base(model_dir: str | Path, n_per_tier: int = 300, style: str = "st
         result[tier]["by_mode"] = {
             mode: _summary([r for r in rows if r[0] == (mode == "think")]) for mode in ("think", "no_think")
         }
-    for key in ("accuracy", "think_rate", "mean_tokens"):
-        result[f"mean_{key}"] = sum(result[t][key] for t in TIERS) / len(TIERS)
+    for key, name in (("accuracy", "mean_accuracy"), ("think_rate", "mean_think_rate"), ("mean_tokens", "mean_tokens")):
+        result[name] = sum(result[t][key] for t in TIERS) / len(TIERS)  # the mean over tiers
     return result
 
 
