@@ -131,8 +131,6 @@ async def _binary_tensor_update(request: Request, state: "ServerState") -> dict:
         except ClientDisconnect:
             raise FieldError("Content-Length", f"the client went away after {decoder.received} of {size} bytes; "
                                                "nothing was applied") from None
-        except FieldError:
-            raise
         except tensor_codec.CodecError as err:
             raise FieldError("body", f"body: {err}") from None
         read_s = time.perf_counter() - start

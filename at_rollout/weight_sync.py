@@ -212,11 +212,12 @@ class WeightSync:
                         try:
                             tensors = [(n, self._cast(p.data)) for n, p in bucket]
                             stats.tensors += len(tensors)
-                            stats.bytes += stats_bytes(tensors)
+                            nbytes = _nbytes(tensors)
+                            stats.bytes += nbytes
                             if self.method == "tensor" and all(_stays(p, t) for (_, p), (_, t) in zip(bucket, tensors)):
                                 blob = tensor_codec.blob_parts(dict(tensors))  # sent from where they are
                             elif self.method == "tensor":  # gathered (freed at the end of the `with`) or on GPU
-                                buf = self._send_buffers.acquire(max(self.bucket_bytes, stats_bytes(tensors)) + MB)
+                                buf = self._send_buffers.acquire(max(self.bucket_bytes, nbytes) + MB)
                                 blob = tensor_codec.serialize(dict(tensors), out=buf)
                                 if blob.nbytes > buf.numel():  # a huge header: written elsewhere
                                     self._send_buffers.release(buf)
@@ -299,7 +300,7 @@ class WeightSync:
 
     def _post_blob(self, blob, weight_version: Optional[str]):
         encoded = None
-        for c, binary in zip(self.clients, self._binary or [False] * len(self.clients)):
+        for c, binary in zip(self.clients, self._binary):  # set by `_ask_servers` before any bucket
             if binary:
                 c.update_weights_from_blob(blob, flush_cache=False, weight_version=weight_version)
             else:
@@ -364,7 +365,7 @@ def _stays(param: torch.Tensor, t: torch.Tensor) -> bool:
     return own and t.device.type == "cpu" and t.is_contiguous()
 
 
-def stats_bytes(tensors) -> int:
+def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for _, t in tensors)
 
 
