@@ -15,7 +15,9 @@ setup(
         # Satisfied by the local CPU build 2.13.0 (install it first) and by CUDA builds alike.
         "torch>=2.4",
         "deepspeed>=0.16",
-        "transformers>=4.51",
+        # Tested on 5.24. The generator passes the KV cache by whichever name forward() takes
+        # (`cache` in 5.x; `past_key_values`, which 5.40 removes, before); 6 may rename more.
+        "transformers>=4.51,<6",
         "accelerate>=1.1",  # transformers needs it for its ZeRO-3 loading path
         "tokenizers>=0.21",
         "safetensors>=0.4",

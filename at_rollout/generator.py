@@ -17,6 +17,7 @@ Two definitions the trainer relies on live here:
 from __future__ import annotations
 
 import hashlib
+import inspect
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,6 +125,7 @@ class Generator:
         self._seeds = random.Random(seed)  # seeds for rows whose request gave no sampling_seed
         pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
         self.pad_token_id = int(pad if pad is not None else (self.eos_token_ids or (0,))[0])
+        self._cache_kw = _cache_keyword(model)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: str = "auto", device: str = "auto",
@@ -211,10 +213,9 @@ class Generator:
             mask[k, max_len - len(p):] = 1
         ids, mask = ids.to(dev), mask.to(dev)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                         use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+        cache = DynamicCache(config=self.model.config)  # filled in place by every forward
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                         **{self._cache_kw: cache})
         index = torch.tensor(expand, device=dev)
         if len(expand) != len(prompts) or expand != list(range(len(prompts))):
             cache.batch_select_indices(index)
@@ -285,9 +286,8 @@ class Generator:
                     active, tok, mask, next_pos, live = active[keep], tok[keep], mask[keep], next_pos[keep], live[keep]
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
             out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                             past_key_values=cache, use_cache=True)
+                             use_cache=True, **{self._cache_kw: cache})
             logits = out.logits[:, -1].float()
-            cache = out.past_key_values
             next_pos = next_pos + 1
             del out
 
@@ -393,6 +393,12 @@ def _stop_matrix(plist: list[SamplingParams], eos: Sequence[int]) -> torch.Tenso
         if s:
             mat[r, : len(s)] = torch.tensor(s)
     return mat
+
+
+def _cache_keyword(model) -> str:
+    """The forward argument that takes the KV cache: `cache` since transformers 5.x renamed it
+    (`past_key_values` warns and goes in 5.40); older models and releases only know the old name."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
