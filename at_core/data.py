@@ -2,7 +2,8 @@
 
 `load_problems` reads JSON (a list of objects), JSONL and parquet files into `Problem`s,
 checking every row so a bad one is reported by file and row before any training starts.
-`load_benchmark` / `load_train_set` find the copies shipped in `data/` by name.
+`load_benchmark` / `load_train_set` find the copies shipped in `data/` by name; an unknown
+name is a `DataError` listing the known ones.
 """
 from __future__ import annotations
 
@@ -106,6 +107,11 @@ def _rows(path: Path) -> Iterator[tuple[int, str, Any]]:
         raise DataError(f"{path}: a .json data file must hold a list of objects, got {type(data).__name__}")
     for i, row in enumerate(data):
         yield i, f"row {i}", row
+
+
+def read_rows(path: str | os.PathLike) -> list[Any]:
+    """Every row of a data file as read (no checks): the fields `Problem` does not keep."""
+    return [row for _, _, row in _rows(Path(path))]
 
 
 def _check_answer(value: Any) -> Optional[str]:
@@ -219,7 +225,7 @@ def data_dir(override: str | os.PathLike | None = None) -> Path:
 
 def _load_named(table: dict[str, DatasetSpec], kind: str, name: str, root: str | os.PathLike | None) -> list[Problem]:
     if name not in table:
-        raise KeyError(f"unknown {kind} {name!r}; known: {', '.join(table)}")
+        raise DataError(f"unknown {kind} {name!r}; known: {', '.join(table)}")
     spec = table[name]
     return load_problems(
         data_dir(root) / spec.path, spec.problem_key, spec.answer_key, spec.answer_extract, spec.tier_key

@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from at_core.config import ConfigError, stage_order
-from at_core.train import build_parser, load_train_problems, resolve_config, setup_logging
+from at_core.train import build_parser, load_train_problems, require_model_dir, resolve_config, setup_logging
 
 SGLANG_BASE_PORT = 30000
 REHEARSAL_SCALE = 32  # prompts per step and mini-batch prompts shrink by this factor (128 -> 4, 64 -> 2)
@@ -89,9 +89,7 @@ def run(cfg: DictConfig) -> int:
     try:
         if not cfg.model.path:
             raise ConfigError("model.path is required (an HF model directory; --model-path DIR)")
-        if not (Path(cfg.model.path) / "config.json").is_file():
-            raise ConfigError(f"model.path={cfg.model.path}: not an HF model directory (no config.json); "
-                              "--dry-run takes a directory with only config.json, a run needs the weights")
+        require_model_dir(cfg.model.path)
         problems = load_train_problems(cfg)
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -283,8 +281,8 @@ def prepare_rehearsal(args: argparse.Namespace, config_yaml: Path) -> argparse.N
     recipe = resolve_config(args, [str(config_yaml)])  # the recipe as the user asked for it
     source = recipe.model.path
     if not source or not Path(source).exists():
-        raise ConfigError(f"--rehearse shrinks the recipe's architecture: pass --model-path DIR or a config json "
-                          f"(e.g. /work/shared/models/r1-distill-qwen-7b.json); model.path={source!r} does not exist")
+        raise ConfigError(f"model.path={source}: no such directory or file (--rehearse shrinks the recipe's "
+                          "architecture: pass --model-path DIR or the model's config json)")
     out_dir = Path(args.out or f"{recipe.out_dir}_rehearsal")
     model_dir = ensure_rehearsal_model(source, out_dir / "rehearsal_model", seed=recipe.seed)
     new = argparse.Namespace(**vars(args))

@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import List, Optional, Sequence
 
 from omegaconf import DictConfig
@@ -30,6 +31,18 @@ def load_train_problems(cfg: DictConfig) -> List[Problem]:
         problems += load_problems(f, cfg.data.problem_key, cfg.data.answer_key, cfg.data.answer_extract,
                                   cfg.data.tier_key)
     return problems
+
+
+def require_model_dir(path: str, name: str = "model.path") -> None:
+    """A model path must be a local HF directory: otherwise transformers reads it as a hub repo id
+    and fails with a traceback about repo names instead of saying the directory is missing."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{name}={path}: no such directory (an HF model directory with config.json)")
+    if not p.is_dir():
+        raise ConfigError(f"{name}={path}: not a directory (an HF model directory with config.json)")
+    if not (p / "config.json").is_file():
+        raise ConfigError(f"{name}={path}: not an HF model directory (no config.json)")
 
 
 def build_parser(prog: str = "at_core.train", description: str = __doc__) -> argparse.ArgumentParser:
@@ -76,6 +89,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = resolve_config(args)
         if not cfg.model.path:
             raise ConfigError("model.path is required (an HF model directory; --model-path DIR)")
+        require_model_dir(cfg.model.path)
         problems = load_train_problems(cfg)
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)

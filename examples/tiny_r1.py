@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from at_core.config import ConfigError, load_config  # noqa: E402
 from at_core.eval import EvalSettings, generate_samples, summarize, write_results  # noqa: E402
+from at_core.train import require_model_dir  # noqa: E402
 
 CONFIGS = ROOT / "examples" / "configs"
 BASE_STYLES = ("standard", "no_think", "ellipsis")
@@ -146,6 +147,8 @@ def main(argv=None) -> int:
     extra = [f"out_dir={out}"] + ([f"resume={args.resume}"] if args.resume else [])
     try:
         cfg = load_config([str(f) for f in files], list(args.overrides) + extra)
+        if cfg.model.path:
+            require_model_dir(cfg.model.path)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ from at_core.data import (
     load_benchmark,
     load_problems,
     load_train_set,
+    read_rows,
 )
 
 ROWS = [
@@ -133,5 +134,14 @@ def test_data_dir_override(tmp_path, monkeypatch):
     assert len(load_benchmark("aime24", root=tmp_path)) == 2
     monkeypatch.setenv("AUTOTHINK_DATA_DIR", str(tmp_path))
     assert data_dir() == tmp_path and len(load_benchmark("aime24")) == 2
-    with pytest.raises(KeyError, match="math500"):
+    with pytest.raises(DataError, match="unknown benchmark 'aime25'; known: math500, aime24, amc"):
         load_benchmark("aime25")
+    with pytest.raises(DataError, match="unknown training set 'maths'; known: math, aime"):
+        load_train_set("maths")
+
+
+def test_read_rows_keeps_every_field(tmp_path):
+    path = write(tmp_path / "d.jsonl", ROWS, "jsonl")
+    assert read_rows(path) == ROWS
+    rows = read_rows(data_dir() / BENCHMARKS["math500"].path)
+    assert len(rows) == 500 and {"difficulty", "unique_id"} <= set(rows[0])
