@@ -36,6 +36,7 @@ class DataConfig:
     answer_key: str = "answer"
     answer_extract: Optional[str] = None  # e.g. "after_hashes" for GSM8K's `#### 42`
     tier_key: Optional[str] = "tier"  # a per-row difficulty label, reported in metrics
+    long_prompts: str = "truncate"  # longer than max_prompt_len: truncate (keep the tail) | drop (the reference)
     tiny_train_size: int = 20000  # problems generated per tier for the tiny task
     tiny_eval_size: int = 200  # held-out problems per tier for the tiny task
     shuffle: bool = True
@@ -48,6 +49,7 @@ class RewardConfig:
     workers: int = 2  # grading processes
     timeout_s: float = 5.0  # wall-clock limit per graded response
     degeneration_penalty: bool = True
+    rules: str = "project"  # project | reference: how mode, answer and degeneration are read (docs/method.md)
 
 
 @dataclass
@@ -66,6 +68,8 @@ class StageConfig:
     temperature: float = 0.6
     top_p: float = 1.0
     lr: Optional[float] = None  # overrides algorithm.lr for this stage
+    reset_optimizer: bool = False  # fresh AdamW state at the stage's start (the reference: one run per stage)
+    reshuffle: bool = False  # start the stage on a fresh permutation of the training data
 
 
 def _paper_stages() -> Dict[str, StageConfig]:
@@ -80,7 +84,11 @@ def _paper_stages() -> Dict[str, StageConfig]:
 
 @dataclass
 class AlgorithmConfig:
-    """GRPO with a token-level clipped surrogate (AUTOTHINK.md section 4)."""
+    """GRPO with a token-level clipped surrogate (docs/method.md, "Training recipe").
+
+    `advantage`, `policy_loss` and `loss_agg` name functions registered in
+    `at_core.algorithms`; `group_of_one` is what a prompt with a single response gets.
+    """
 
     lr: float = 1e-6
     weight_decay: float = 0.0
@@ -88,7 +96,10 @@ class AlgorithmConfig:
     grad_clip: float = 1.0
     clip_low: float = 0.2
     clip_high: float = 0.2
-    std_normalize: bool = True  # False: Dr.GRPO (no division by the group std)
+    advantage: str = "grpo"  # grpo | dr_grpo | rloo | reinforce_pp_baseline | any registered estimator
+    group_of_one: str = "zero"  # zero | reward (the reference: r / (1 + 1e-6))
+    policy_loss: str = "clipped"
+    loss_agg: str = "token_mean"  # token_mean | micro_batch_token_mean (the reference) | seq_mean_token_mean | seq_mean_token_sum_norm
     kl_coef: float = 0.0
     kl_estimator: str = "low_var_kl"  # k1 | k3 | low_var_kl
     entropy_coef: float = 0.001
@@ -128,6 +139,10 @@ class RolloutConfig:
     tp_size: int = 1
     mem_fraction: float = 0.6
     colocate: bool = False  # release SGLang memory during the update, resume after
+    base_gpu_id: Optional[int] = None  # the launched engine's first GPU; None: 0 colocated, after the trainer's apart
+    router_url: Optional[str] = None  # an sglang-router in front of the engines: generation goes through it
+    groups_per_request: int = 1  # prompt groups per /generate request (at_rollout/dispatch.py)
+    max_in_flight_groups: int = 32  # per engine; more wait, then go to whichever engine frees up first
     request_timeout_s: float = 600.0
     retries: int = 3
     startup_timeout_s: float = 300.0
@@ -234,8 +249,17 @@ def load_config(files: List[str] | str | None = None, overrides: List[str] | Non
 
 def validate(cfg: DictConfig) -> None:
     """Checks the schema cannot express: enumerations and ranges."""
+    from at_core.algorithms import ADVANTAGES, LOSS_AGGS, POLICY_LOSSES
+    from at_reward.rules import RULES
+
     choices = {
         "model.dtype": ("auto", "fp32", "bf16"),
+        "data.long_prompts": ("truncate", "drop"),
+        "reward.rules": tuple(RULES),
+        "algorithm.advantage": tuple(sorted(ADVANTAGES)),
+        "algorithm.group_of_one": ("zero", "reward"),
+        "algorithm.policy_loss": tuple(sorted(POLICY_LOSSES)),
+        "algorithm.loss_agg": tuple(sorted(LOSS_AGGS)),
         "algorithm.kl_estimator": ("k1", "k3", "low_var_kl"),
         "rollout.backend": ("server", "sglang"),
         "rollout.sync_method": ("tensor", "distributed"),
