@@ -2,8 +2,9 @@
 
 ZeRO-3 all-gathers parameters inside every forward and backward, so all ranks must run the
 same number of micro-batches; a rank with fewer runs zero-weighted filler passes. The loss
-of each micro-batch is its token sum times world_size / global_tokens, so the gradient is
-the mean over every response token of the step, however the step is split.
+of each micro-batch is the weighted sum of its per-token losses, the weights given by the
+configured aggregation (`at_core.algorithms.losses`): with `token_mean` the gradient is the
+mean over every response token of the mini-batch, however it is split.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from at_core.algorithm import policy_loss
+from at_core.algorithms.losses import StepCounts, loss_weights, token_loss
 from at_core.packing import Rollout, pack, plan_micro_batches
 
 
@@ -56,7 +57,8 @@ def compute_logprobs(engine, rollouts: Sequence[Rollout], token_budget: int, tem
 
 
 def update_policy(engine, rollouts: Sequence[Rollout], algo: DictConfig, temperature: float,
-                  ref_logprobs: Optional[List[List[float]]] = None, n_mini: int = 1) -> Dict[str, float]:
+                  ref_logprobs: Optional[List[List[float]]] = None, n_mini: int = 1,
+                  max_response_len: int = 1) -> Dict[str, float]:
     """One RL step's policy update over this rank's rollouts: ppo_epochs x n_mini optimizer steps.
 
     Mini-batches are contiguous slices of the rollouts (which arrive grouped by prompt), so
@@ -77,7 +79,7 @@ def update_policy(engine, rollouts: Sequence[Rollout], algo: DictConfig, tempera
         for mini in minis:
             refs = None if ref_logprobs is None else [ref_logprobs[i] for i in mini]
             for k, v in backward_mini_batch(engine, [rollouts[i] for i in mini], algo, temperature,
-                                            on_policy, refs).items():
+                                            on_policy, refs, max_response_len).items():
                 stats[k] += v
             engine.step()
             steps += 1
@@ -93,13 +95,28 @@ def update_policy(engine, rollouts: Sequence[Rollout], algo: DictConfig, tempera
     return out
 
 
+def _advantages(group: Sequence[Rollout]) -> List[float]:
+    """Per response token: a scalar advantage repeated, or a token-level estimator's list."""
+    out: List[float] = []
+    for r in group:
+        if isinstance(r.advantage, (list, tuple)):
+            if len(r.advantage) != len(r.response_ids):
+                raise ValueError(f"a token-level advantage has {len(r.advantage)} values for "
+                                 f"{len(r.response_ids)} response tokens")
+            out.extend(float(a) for a in r.advantage)
+        else:
+            out.extend([float(r.advantage)] * len(r.response_ids))
+    return out
+
+
 def backward_mini_batch(engine, local: Sequence[Rollout], algo: DictConfig, temperature: float,
-                        on_policy: bool = True, ref_logprobs: Optional[List[List[float]]] = None) -> Dict[str, float]:
+                        on_policy: bool = True, ref_logprobs: Optional[List[List[float]]] = None,
+                        max_response_len: int = 1) -> Dict[str, float]:
     """Forward/backward over this rank's share of one mini-batch; gradients accumulate, no step."""
     stats: Dict[str, float] = defaultdict(float)
     world = dist.get_world_size() if dist.is_initialized() else 1
-    global_tokens = _all_reduce([sum(len(r.response_ids) for r in local)])[0]
-    scale = world / max(global_tokens, 1.0)
+    tokens, seqs = _all_reduce([sum(len(r.response_ids) for r in local), len(local)])
+    counts = StepCounts(int(tokens), int(seqs), world, int(max_response_len))
     plan = _micro_plan(local, algo.micro_batch_tokens)
     for j, idx in enumerate(plan):
         engine.set_gradient_accumulation_boundary(j == len(plan) - 1)
@@ -109,22 +126,18 @@ def backward_mini_batch(engine, local: Sequence[Rollout], algo: DictConfig, temp
             group = list(local[:1]) or [Rollout(prompt_ids=[0], response_ids=[0])]
         batch = pack(group, _device(engine))
         logp, ent = engine(batch, temperature, with_entropy=True, chunk=algo.logprob_chunk)
-        adv = torch.tensor([r.advantage for r in group], dtype=torch.float32, device=logp.device)
+        adv = torch.tensor(_advantages(group), dtype=torch.float32, device=logp.device)
         old = logp.detach() if on_policy or filler else torch.tensor(
             [x for r in group for x in r.old_logprobs], dtype=torch.float32, device=logp.device)
         ref = None
         if ref_logprobs is not None:
             ref = logp.detach() if filler else torch.tensor(
                 [x for i in idx for x in ref_logprobs[i]], dtype=torch.float32, device=logp.device)
-        terms = policy_loss(
-            logp, old, adv[batch.seq_of_token],
-            clip_low=algo.clip_low, clip_high=algo.clip_high, scale=0.0 if filler else scale,
-            entropy=ent, entropy_coef=algo.entropy_coef,
-            ref_logp=ref, kl_coef=algo.kl_coef, kl_estimator=algo.kl_estimator,
-        )
-        engine.backward(terms.loss, scale_wrt_gas=False)
+        per_token, terms = token_loss(logp, old, adv, algo, entropy=ent, ref_logp=ref)
+        weights = loss_weights(algo, [len(r.response_ids) for r in group], counts).to(logp.device)
+        engine.backward((per_token * weights).sum() * (0.0 if filler else 1.0), scale_wrt_gas=False)
         if not filler:
-            for k, v in terms.stats.items():
+            for k, v in terms.items():
                 stats[k] += v
             stats["tokens"] += float(batch.targets.numel())
     return stats

@@ -162,6 +162,21 @@ def policy_lm(engine):
     return engine.module.lm
 
 
+def reset_optimizer(engine) -> None:
+    """Forget the optimizer's state (AdamW's moments and step counts), keeping the weights.
+
+    DeepSpeed wraps the torch optimizer (ZeRO's partitioned optimizer, a mixed-precision
+    wrapper); the innermost one holds the state, which AdamW re-creates from zero on its
+    next step, exactly as a freshly built engine would.
+    """
+    opt = engine.optimizer
+    while not isinstance(opt, torch.optim.Optimizer) and getattr(opt, "optimizer", None) is not None:
+        opt = opt.optimizer
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise TypeError(f"reset_optimizer: no torch optimizer inside {type(engine.optimizer).__name__}")
+    opt.state.clear()
+
+
 def set_lr(engine, lr: float) -> None:
     for group in engine.optimizer.param_groups:
         group["lr"] = lr

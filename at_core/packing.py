@@ -22,7 +22,7 @@ class Rollout:
 
     prompt_ids: List[int]
     response_ids: List[int]
-    advantage: float = 0.0
+    advantage: float | List[float] = 0.0  # one per response, or one per response token
     old_logprobs: List[float] | None = None  # per response token; None: on-policy (use detached current)
 
     @property

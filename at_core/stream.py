@@ -31,6 +31,11 @@ class PromptStream:
             self._epoch = epoch
         return self._order
 
+    def start_epoch(self) -> None:
+        """Skip to the start of the next epoch (a no-op at an epoch's start): what follows is a
+        fresh permutation, as a new data loader would give."""
+        self.position = -(-self.position // len(self.problems)) * len(self.problems)
+
     def take(self, n: int) -> List[Problem]:
         out = []
         for _ in range(n):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -19,10 +19,10 @@ from tqdm import tqdm
 
 from at_core import checkpoint
 from at_core.actor import compute_logprobs, update_policy
-from at_core.algorithm import group_advantages
-from at_core.config import save_config, stage_order
+from at_core.algorithms import estimate_advantages
+from at_core.config import ConfigError, save_config, stage_order
 from at_core.data import Problem
-from at_core.engines import build_actor, build_reference, init_distributed, policy_lm, set_lr
+from at_core.engines import build_actor, build_reference, init_distributed, policy_lm, reset_optimizer, set_lr
 from at_core.export import export_hf
 from at_core.packing import Rollout
 from at_core.prompts import render_prompt
@@ -49,20 +49,38 @@ class Context:
     rank: int = 0
     world: int = 1
     on_stage_end: Optional[Callable[["Context", str, Path], None]] = None
-    timings: Dict[str, float] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- the steps of one RL step
 
 
+def prompt_ids(tokenizer, problem: str, style: str) -> List[int]:
+    return tokenizer(render_prompt(tokenizer, problem, style), add_special_tokens=False)["input_ids"]
+
+
 def encode_prompts(ctx: Context, problems: List[Problem], style: str) -> List[List[int]]:
     out = []
     for p in problems:
-        ids = ctx.tokenizer(render_prompt(ctx.tokenizer, p.problem, style), add_special_tokens=False)["input_ids"]
+        ids = prompt_ids(ctx.tokenizer, p.problem, style)
         if len(ids) > ctx.cfg.max_prompt_len:
             ids = ids[-ctx.cfg.max_prompt_len :]  # keep the template's tail (the think opener)
         out.append(ids)
     return out
+
+
+def drop_long_prompts(cfg: DictConfig, tokenizer, problems: List[Problem]) -> List[Problem]:
+    """`data.long_prompts=drop` (the reference): keep the problems whose prompt fits
+    `max_prompt_len` in every prompt style the stages use."""
+    styles = sorted({cfg.stage[s].prompt_style for s in stage_order(cfg)})
+    kept = [p for p in problems
+            if all(len(prompt_ids(tokenizer, p.problem, st)) <= cfg.max_prompt_len for st in styles)]
+    if not kept:
+        raise ConfigError(f"data.long_prompts=drop: every one of the {len(problems)} training problems is longer "
+                          f"than max_prompt_len={cfg.max_prompt_len} tokens")
+    if len(kept) < len(problems):
+        log.info("dropped %d of %d training problems longer than max_prompt_len=%d tokens",
+                 len(problems) - len(kept), len(problems), cfg.max_prompt_len)
+    return kept
 
 
 def sampling_params(stage: DictConfig, seed: int) -> Dict[str, Any]:
@@ -75,26 +93,34 @@ def sampling_params(stage: DictConfig, seed: int) -> Dict[str, Any]:
     }
 
 
-def score(ctx: Context, problems: List[Problem], samples: List[List[Sample]], stage: DictConfig) -> Dict[str, Any]:
-    """Grade and shape the whole batch on rank 0 (batch balance needs all of it); share the result."""
+def score(ctx: Context, problems: List[Problem], prompt_ids: List[List[int]], samples: List[List[Sample]],
+          stage: DictConfig) -> Dict[str, Any]:
+    """Grade and shape the whole batch on rank 0 (batch balance needs all of it); share the result.
+
+    The `reference` rules read prompt + response decoded with special tokens, as the
+    authors' code does; the `project` rules read the response without them.
+    """
     result = None
     if ctx.rank == 0:
-        texts, golds, groups, lengths, tiers = [], [], [], [], []
-        for g, (prob, group) in enumerate(zip(problems, samples)):
+        with_prompts = ctx.reward.rules.needs_prompts
+        skip = not with_prompts
+        texts, prompts, golds, groups, lengths, tiers = [], [], [], [], [], []
+        for g, (prob, ids, group) in enumerate(zip(problems, prompt_ids, samples)):
+            prompt = ctx.tokenizer.decode(ids, skip_special_tokens=False) if with_prompts else ""
             for s in group:
-                texts.append(ctx.tokenizer.decode(s.output_ids, skip_special_tokens=True))
+                texts.append(ctx.tokenizer.decode(s.output_ids, skip_special_tokens=skip))
+                prompts.append(prompt)
                 golds.append(prob.answer)
                 groups.append(g)
                 lengths.append(len(s.output_ids))
                 tiers.append(prob.tier)
         out = ctx.reward(
-            texts, golds, groups, lengths,
+            texts, golds, groups, lengths, prompts=prompts,
             balance_target=stage.balance_target, balance_slope=stage.balance_slope,
             length_alpha=stage.length_alpha, length_beta=stage.length_beta,
         )
-        adv = group_advantages(out.rewards, groups, std_normalize=ctx.cfg.algorithm.std_normalize)
         result = {
-            "rewards": out.rewards, "advantages": adv, "think": out.think, "correct": out.correct,
+            "rewards": out.rewards, "think": out.think, "correct": out.correct, "groups": groups,
             "format_ok": out.format_ok, "lengths": lengths, "tiers": tiers,
         }
     return broadcast_from_rank0(result)
@@ -145,7 +171,9 @@ def rl_step(ctx: Context, stage_name: str) -> Dict[str, float]:
     clock["time/rollout"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    scored = score(ctx, problems, samples, stage)
+    scored = score(ctx, problems, prompt_ids, samples, stage)
+    scored["advantages"] = estimate_advantages(ctx.cfg.algorithm, scored["rewards"], scored["groups"],
+                                               scored["lengths"])
     clock["time/reward"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -156,7 +184,8 @@ def rl_step(ctx: Context, stage_name: str) -> Dict[str, float]:
         ref = compute_logprobs(ctx.reference, rollouts, ctx.cfg.algorithm.micro_batch_tokens, stage.temperature)
     mbp = ctx.cfg.algorithm.mini_batch_prompts
     n_mini = -(-stage.prompts_per_step // mbp) if mbp else 1
-    stats = update_policy(ctx.engine, rollouts, ctx.cfg.algorithm, stage.temperature, ref, n_mini)
+    stats = update_policy(ctx.engine, rollouts, ctx.cfg.algorithm, stage.temperature, ref, n_mini,
+                          stage.max_response_len)
     clock["time/train"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -180,12 +209,32 @@ def batch_digest(problems: List[Problem]) -> str:
 # ---------------------------------------------------------------- the run
 
 
+def start_stage(ctx: Context, stage: DictConfig) -> None:
+    """What a stage does before its first step: the reference code runs each stage as a
+    separate job, so `reset_optimizer` forgets AdamW's moments and `reshuffle` starts a fresh
+    permutation of the data. Both are repeated, identically, when a run resumes at step 0."""
+    if stage.reset_optimizer:
+        reset_optimizer(ctx.engine)
+    if stage.reshuffle:
+        ctx.stream.start_epoch()
+
+
+def learning_rate(ctx: Context, stage: DictConfig) -> float:
+    """The stage's lr (or `algorithm.lr`), ramped linearly over the run's first
+    `algorithm.warmup_steps` steps."""
+    lr = stage.lr if stage.lr is not None else ctx.cfg.algorithm.lr
+    warmup = ctx.cfg.algorithm.warmup_steps
+    return lr * min(1.0, (ctx.state.global_step + 1) / warmup) if warmup > 0 else lr
+
+
 def run_stage(ctx: Context, name: str) -> None:
     stage = ctx.cfg.stage[name]
-    set_lr(ctx.engine, stage.lr if stage.lr is not None else ctx.cfg.algorithm.lr)
+    if ctx.state.step == 0:
+        start_stage(ctx, stage)
     bar = tqdm(total=stage.steps, initial=ctx.state.step, desc=f"stage {name}", disable=ctx.rank != 0,
                dynamic_ncols=True)
     while ctx.state.step < stage.steps:
+        set_lr(ctx.engine, learning_rate(ctx, stage))
         metrics = rl_step(ctx, name)
         ctx.state.step += 1
         ctx.state.global_step += 1
@@ -234,6 +283,8 @@ def setup(cfg: DictConfig, train_problems: List[Problem], model_path: str) -> Co
             log.info("resumed from %s (stage %s, step %d)", found, state.stage, state.step)
     recorder = Recorder(out_dir, enabled=rank == 0)
     recorder.truncate_after(state.global_step)
+    if cfg.data.long_prompts == "drop":
+        train_problems = drop_long_prompts(cfg, tokenizer, train_problems)
     stream = PromptStream(train_problems, seed=cfg.seed, shuffle=cfg.data.shuffle, position=state.data_position)
     reward = build_reward(cfg.reward) if rank == 0 else None
     rollout = RolloutWorkers(cfg.rollout, model_path, out_dir, rank)

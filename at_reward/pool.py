@@ -160,6 +160,7 @@ class GradingPool:
         memory_limit_mb: int = 4096,
         startup_timeout_s: float = 60.0,
         preload: Sequence[str] = (),
+        extract: Callable[[str], Optional[str]] = extract_answer,
     ):
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
@@ -172,6 +173,7 @@ class GradingPool:
             raise GradingError(str(err)) from None
         self.memory_limit_mb, self.startup_timeout_s = memory_limit_mb, startup_timeout_s
         self.preload = tuple(preload)
+        self.extract = extract  # the answer reading (`at_reward.rules`); runs here, it is cheap
         self.stats = {"graded": 0, "timeouts": 0, "crashes": 0, "errors": 0, "restarts": 0}
         self.last_latency_s: list[float] = []  # per item of the last batch, dispatch to reply
         self._verify_ref = FnRef.of(verify_answer)
@@ -386,7 +388,7 @@ class GradingPool:
         jobs, where = [], []
         for i, (response, gold) in enumerate(pairs):
             golds = gold_alternatives(gold)
-            answer = extract_answer(response)
+            answer = self.extract(response)
             if answer is None:
                 grades[i] = Grade(False, False, None)
                 continue

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from at_reward.autothink import base_reward, degeneration_penalty, detect_mode, shape_rewards
+from at_reward.autothink import base_reward, degeneration_penalty, shape_rewards
 from at_reward.grade import Grade
+from at_reward.rules import Rules, rules_named
 
 __all__ = [
     "Grade", "RewardOutput", "Reward", "PooledReward", "MathReward",
@@ -52,6 +53,12 @@ class Reward:
     def __init__(self, cfg: Any = None):
         self.cfg = cfg
         self.degeneration = bool(_cfg(cfg, "degeneration_penalty", True))
+        try:
+            self.rules: Rules = rules_named(str(_cfg(cfg, "rules", "project")))
+        except ValueError as err:
+            from at_core.config import ConfigError
+
+            raise ConfigError(str(err)) from None
 
     def grade_batch(self, responses: Sequence[str], golds: Sequence[Any]) -> list[Grade]:
         raise NotImplementedError(f"{type(self).__name__} must implement grade_batch(responses, golds)")
@@ -63,6 +70,7 @@ class Reward:
         groups: Sequence[int],
         lengths: Sequence[int],
         *,
+        prompts: Optional[Sequence[str]] = None,
         balance_target: Optional[float] = None,
         balance_slope: float = 2.0,
         length_alpha: float = 0.0,
@@ -72,22 +80,30 @@ class Reward:
 
         `responses` are the texts generated after the prompt (a no-think response starts
         with `</think>`), `golds` the stored answers, `groups` a prompt id per response
-        (length shaping is per group), `lengths` response token counts. The keyword
-        arguments are the stage's shaping (`at_reward.autothink.shape_rewards`).
+        (length shaping is per group), `lengths` response token counts. `prompts`, one per
+        response, are the prompt texts the `reference` rules read with the response (decoded
+        with special tokens, as the authors' code decodes them); the `project` rules ignore
+        them. The other keyword arguments are the stage's shaping
+        (`at_reward.autothink.shape_rewards`).
         """
         if len(golds) != len(responses):
             raise ValueError(f"reward: {len(responses)} responses but {len(golds)} golds")
-        grades = self.grade_batch(list(responses), list(golds))
+        if prompts is not None and len(prompts) != len(responses):
+            raise ValueError(f"reward: {len(responses)} responses but {len(prompts)} prompts")
+        prompts = list(prompts) if prompts is not None else [""] * len(responses)
+        rules = self.rules
+        grades = self.grade_batch([rules.text(p, r) for p, r in zip(prompts, responses)], list(golds))
         if len(grades) != len(responses):
             raise RuntimeError(
                 f"{type(self).__name__}.grade_batch returned {len(grades)} grades for {len(responses)} responses"
             )
-        think = [detect_mode(r) == "think" for r in responses]
+        think = [rules.think(p, r) for p, r in zip(prompts, responses)]
         correct = [bool(g.correct and g.format_ok) for g in grades]
         format_ok = [bool(g.format_ok) for g in grades]
         base = [base_reward(t, c, f) for t, c, f in zip(think, correct, format_ok)]
         if self.degeneration:
-            base = [degeneration_penalty(b, r) for b, r in zip(base, responses)]
+            base = [degeneration_penalty(b, rules.degeneration_text(p, r))
+                    for b, p, r in zip(base, prompts, responses)]
         rewards = shape_rewards(
             base, think, correct, lengths, groups,
             balance_target=balance_target, balance_slope=balance_slope,
@@ -113,7 +129,8 @@ class PooledReward(Reward):
         from at_reward.pool import GradingPool
 
         self.pool = GradingPool(
-            workers=int(_cfg(cfg, "workers", 2)), timeout_s=float(_cfg(cfg, "timeout_s", 5.0)), grader=grader
+            workers=int(_cfg(cfg, "workers", 2)), timeout_s=float(_cfg(cfg, "timeout_s", 5.0)), grader=grader,
+            extract=self.rules.answer,
         )
 
     def grade_batch(self, responses, golds):

@@ -4,7 +4,7 @@ AutoThink batches mix no-think answers with think traces about ten times longer.
 baseline is what fixed-size micro-batching does: B sequences in arrival order, padded to the
 longest. The packed path is the trainer's: `plan_micro_batches` under a token budget and
 `packed_logprobs` with restarting position ids. Both run the same model, the same GRPO loss
-(`policy_loss`) and an AdamW step; tokens/s counts real (non-pad) tokens only.
+(`token_loss` with the clipped surrogate) and an AdamW step; tokens/s counts real (non-pad) tokens only.
 
     python benchmarks/train_step.py [--size small] [--prompts 16] [--rollouts 8] [--repeats 3]
 """
@@ -17,11 +17,15 @@ import time
 
 import torch
 
-from at_core.algorithm import policy_loss
+from at_core.algorithms.losses import token_loss
+from at_core.config import load_config
 from at_core.attention import PACKED_SDPA
 from at_core.logprob import token_logprobs
 from at_core.packing import Rollout, pack, packed_logprobs, plan_micro_batches
 from at_core.tiny import build_random_model
+
+
+ALGO = load_config(overrides=["algorithm.entropy_coef=1e-3"]).algorithm
 
 
 def make_batch(prompts: int, rollouts: int, short: int, long: int, vocab: int, seed: int = 0):
@@ -41,8 +45,7 @@ def step_packed(model, opt, rollouts, budget):
         batch = pack([rollouts[i] for i in idx])
         logp, ent = packed_logprobs(model, batch, 0.6, with_entropy=True)
         adv = torch.tensor([rollouts[i].advantage for i in idx])[batch.seq_of_token]
-        policy_loss(logp, logp.detach(), adv, clip_low=0.2, clip_high=0.2, scale=1e-3, entropy=ent,
-                    entropy_coef=1e-3).loss.backward()
+        (token_loss(logp, logp.detach(), adv, ALGO, entropy=ent)[0].sum() * 1e-3).backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
 
@@ -66,8 +69,7 @@ def step_padded(model, opt, rollouts, micro_size, pad_id=0):
         lp_all = torch.log_softmax(logits[sel].float() / 0.6, -1)
         ent = -(lp_all.exp() * lp_all).sum(-1)
         adv = torch.tensor([r.advantage for r in group])[:, None].expand_as(sel)[sel]
-        policy_loss(logp, logp.detach(), adv, clip_low=0.2, clip_high=0.2, scale=1e-3, entropy=ent,
-                    entropy_coef=1e-3).loss.backward()
+        (token_loss(logp, logp.detach(), adv, ALGO, entropy=ent)[0].sum() * 1e-3).backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
 
