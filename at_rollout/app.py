@@ -4,6 +4,10 @@ Handlers only validate and enqueue; generation runs on the scheduler's thread an
 updates on worker threads, so the event loop always answers (health checks included).
 Every request body is size-limited while it streams in and parsed in strict mode; an
 error is a JSON body with `message` and the offending `field`.
+
+Weight updates follow SGLang 0.5.21+: they are accepted only inside a weight-update session
+(`/begin_weight_update` ... `/end_weight_update`); outside one an update is refused before
+anything is received, so CI drives the very call sequence real SGLang needs.
 """
 from __future__ import annotations
 
@@ -24,7 +28,8 @@ from .generator import Generator, SamplingParams
 from .protocol import (
     DestroyWeightsUpdateGroupRequest, EmptyRequest, FieldError, GenerateRequest, InitWeightsUpdateGroupRequest,
     MemoryOccupationRequest, PauseRequest, SamplingParamsIn, UpdateWeightsFromDistributedRequest,
-    UpdateWeightsFromTensorRequest, dtype_name, field_error, lift_long_strings, sample_to_json,
+    UpdateWeightsFromTensorRequest, UpdateWeightVersionRequest, WeightUpdateSessionRequest, dtype_name, field_error,
+    lift_long_strings, sample_to_json,
 )
 from . import tensor_codec
 from .scheduler import Scheduler
@@ -49,6 +54,12 @@ class ServerState:
         self.weights = ServedWeights(generator.model, self.scheduler.model_lock, weight_update_timeout_s,
                                      max_weights_request_bytes)
         self.vocab_size = int(generator.model.get_input_embeddings().weight.shape[0])
+        self.session_open = False  # a weight-update session (see the module note)
+
+    def require_session(self, route: str) -> None:
+        if not self.session_open:
+            raise FieldError(None, f"{route} must run between /begin_weight_update and /end_weight_update "
+                                   "(no weight-update session is open); nothing was received")
 
 
 class FastJSON(JSONResponse):
@@ -120,6 +131,13 @@ async def _binary_tensor_update(request: Request, state: "ServerState") -> dict:
     size = _declared_length(request, state.max_weights_request_bytes)
     if size is None:
         raise FieldError("Content-Length", "a binary weight update needs a Content-Length header", 411)
+    if not state.session_open:
+        try:
+            async for _ in request.stream():  # read and dropped, so the client sees the answer
+                pass
+        except ClientDisconnect:
+            pass
+        state.require_session("/update_weights_from_tensor")
     start = time.perf_counter()
     owner = object()  # this update's claims on spare storage
     decoder = tensor_codec.StreamDecoder(size, lambda specs: state.weights.landing_for(specs, owner))
@@ -203,7 +221,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/health_generate")
     async def health_generate():
-        if state.scheduler.paused:
+        if state.scheduler.paused or state.scheduler.busy:  # like SGLang: a server at work is not probed
             return PlainTextResponse("", status_code=200)
         fut = state.scheduler.submit([[0]], [SamplingParams(max_new_tokens=1, temperature=0.0)])
         try:
@@ -226,9 +244,42 @@ def create_app(state: ServerState) -> FastAPI:
             "tensor_update_bodies": ["json", "binary"],  # see _binary_tensor_update
         }
 
+    @app.get("/server_info")
+    @app.get("/get_server_info")
+    async def server_info():
+        return {"server": "at_rollout", "model_path": state.model_path, "weight_update_session": True,
+                "max_request_bytes": state.max_request_bytes,
+                "max_weights_request_bytes": state.max_weights_request_bytes}
+
     @app.get("/get_weight_version")
     async def weight_version():
         return {"weight_version": state.weights.version}
+
+    @app.post("/begin_weight_update")
+    async def begin_weight_update(request: Request):
+        await _read(request, WeightUpdateSessionRequest, state.max_request_bytes)
+        if state.session_open:
+            raise FieldError(None, "a weight-update session is already open; call /end_weight_update first")
+        state.session_open = True
+        return {"success": True, "message": "Success"}
+
+    @app.post("/end_weight_update")
+    async def end_weight_update(request: Request):
+        await _read(request, EmptyRequest, state.max_request_bytes)
+        if not state.session_open:
+            raise FieldError(None, "no weight-update session is open; call /begin_weight_update first")
+        state.session_open = False
+        return {"success": True, "message": "Success"}
+
+    @app.post("/update_weight_version")
+    async def update_weight_version(request: Request):
+        req = await _read(request, UpdateWeightVersionRequest, state.max_request_bytes)
+        if req.abort_all_requests:
+            state.scheduler.pause("abort")
+            state.scheduler.resume()
+        state.weights.version = req.new_version
+        return {"success": True, "message": f"Weight version updated to {req.new_version}",
+                "new_version": req.new_version}
 
     @app.api_route("/generate", methods=["POST", "PUT"])
     async def generate(request: Request):
@@ -288,6 +339,7 @@ def create_app(state: ServerState) -> FastAPI:
             return await _binary_tensor_update(request, state)
         start = time.perf_counter()
         body = await _read_body(request, state.max_weights_request_bytes)
+        state.require_session("/update_weights_from_tensor")
         read_s = time.perf_counter() - start
 
         def work():  # off the event loop, which meanwhile reads the next bucket's body
@@ -331,6 +383,7 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/update_weights_from_distributed")
     async def update_weights_from_distributed(request: Request):
         req = await _read(request, UpdateWeightsFromDistributedRequest, state.max_request_bytes)
+        state.require_session("/update_weights_from_distributed")  # before any broadcast is received
         if req.load_format not in (None, "direct"):
             raise FieldError("load_format", f"only per-tensor broadcasts are supported, got {req.load_format!r}")
 

@@ -4,9 +4,13 @@ Connection errors and 5xx answers are retried with exponential backoff; after th
 try the error names the URL. A 4xx is the caller's mistake and is raised at once with the
 server's message (naming the field), except `/flush_cache`'s 400, which SGLang answers
 while requests are still running: that one is retried until `flush_timeout_s`.
+
+The fields sent and read are the ones declared in `protocol.py` (`SGLANG_REQUESTS`,
+`*_READ`), which the contract tests check against every supported SGLang release.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -17,7 +21,10 @@ import requests
 import torch
 
 from . import tensor_codec
-from .protocol import dtype_name
+from .protocol import (
+    FINISH_REASON_READ, META_INFO_READ, OUTPUT_READ, SAMPLING_FIELDS, SERVER_INFO_READ, SESSION_SINCE, dtype_name,
+    sent_fields,
+)
 
 
 class RolloutError(RuntimeError):
@@ -27,6 +34,11 @@ class RolloutError(RuntimeError):
         super().__init__(message)
         self.status = status
         self.field = field
+
+    @property
+    def refused(self) -> bool:
+        """A 4xx: the request itself is wrong and will never succeed (no retry, no restart)."""
+        return self.status is not None and 400 <= self.status < 500
 
 
 @dataclass
@@ -46,6 +58,11 @@ class Completion:
     def completion_tokens(self) -> int:
         return len(self.output_ids)
 
+    @property
+    def weight_version(self) -> Optional[str]:
+        """The version of the weights the server had when it answered (SGLang's meta_info)."""
+        return self.meta_info.get(META_INFO_READ[3])
+
 
 class RolloutClient:
     def __init__(self, url: str, api_key: Optional[str] = None, timeout_s: float = 600.0, retries: int = 3,
@@ -57,6 +74,7 @@ class RolloutClient:
         self.backoff_s = backoff_s
         self._local = threading.local()  # one requests.Session per thread (sessions are not thread-safe)
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._session_needed: Optional[bool] = None
 
     # ---------------------------------------------------------------- transport
     @property
@@ -102,23 +120,26 @@ class RolloutClient:
             else None
 
     # ---------------------------------------------------------------- health and info
-    def health(self) -> bool:
+    def health(self, timeout_s: float = 30.0) -> bool:
+        """Whether /health_generate answers 200: SGLang generates one token for it (its plain
+        /health answers 200 before the engine can serve), so this is readiness."""
         try:
-            return self._session.get(f"{self.url}/health", timeout=(self.connect_timeout_s, 5)).status_code == 200
+            return self._session.get(f"{self.url}/health_generate", headers=self._headers,
+                                     timeout=(self.connect_timeout_s, timeout_s)).status_code == 200
         except requests.RequestException:
             return False
 
     def wait_for_health(self, timeout_s: float = 300.0, interval_s: float = 0.5, process=None) -> None:
-        """Poll /health until it answers 200; `process` (a Popen) dying ends the wait early."""
+        """Poll /health_generate until it answers 200; `process` (a Popen) dying ends the wait early."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self.health():
-                return
             if process is not None and process.poll() is not None:
                 raise RolloutError(f"{self.url}: server process exited with code {process.returncode} before it "
                                    "became healthy")
+            if self.health(max(1.0, min(30.0, deadline - time.monotonic()))):
+                return
             time.sleep(interval_s)
-        raise RolloutError(f"{self.url}/health did not answer 200 within {timeout_s:.0f}s")
+        raise RolloutError(f"{self.url}/health_generate did not answer 200 within {timeout_s:.0f}s")
 
     def model_info(self) -> dict:
         try:
@@ -128,15 +149,51 @@ class RolloutClient:
                 raise
             return self.request("GET", "/get_model_info").json()  # SGLang before /model_info
 
+    def server_info(self) -> dict:
+        try:
+            return self.request("GET", "/server_info").json()
+        except RolloutError as err:
+            if err.status != 404:
+                raise
+            return self.request("GET", "/get_server_info").json()
+
+    def needs_weight_update_session(self) -> bool:
+        """Whether updates must run between /begin_weight_update and /end_weight_update
+        (SGLang >= 0.5.21 refuses them otherwise, without receiving the tensors; our server
+        too). Asked once per client: our server says so; SGLang by its version, or, for a
+        source build without one, by whether it has the route."""
+        if self._session_needed is None:
+            info = self.server_info()
+            if "weight_update_session" in info:
+                self._session_needed = bool(info["weight_update_session"])
+            else:
+                version = _version(info.get(SERVER_INFO_READ[0]))
+                self._session_needed = version >= _version(SESSION_SINCE) if version else self._has_session_route()
+        return self._session_needed
+
+    def _has_session_route(self) -> bool:
+        # Without an open session SGLang answers 400 ("no weight-update session is open");
+        # a release without the route answers 404. Either way nothing changes on the server.
+        try:
+            self.request("POST", "/end_weight_update", {}, retries=0)
+        except RolloutError as err:
+            return err.status != 404
+        return True
+
     # ---------------------------------------------------------------- generation
     def generate(self, input_ids: Sequence[Sequence[int]], sampling_params: Mapping | Sequence[Mapping],
                  return_logprob: bool = True, timeout_s: Optional[float] = None) -> list[Completion]:
         """A batch of prompts in one request; `n` samples per prompt come back prompt-major."""
+        for sp in sampling_params if isinstance(sampling_params, (list, tuple)) else [sampling_params]:
+            unknown = sorted(set(sp) - set(SAMPLING_FIELDS))
+            if unknown:
+                raise ValueError(f"sampling_params: unknown key(s) {unknown}; known: {sorted(SAMPLING_FIELDS)}")
         body = {"input_ids": [list(map(int, p)) for p in input_ids], "return_logprob": return_logprob,
                 "sampling_params": list(sampling_params) if isinstance(sampling_params, (list, tuple))
                 else dict(sampling_params)}
         if not body["input_ids"]:
             return []
+        sent_fields("/generate", body)
         out = self.request("POST", "/generate", body, timeout_s=timeout_s).json()
         out = out if isinstance(out, list) else [out]
         ns = [int((sampling_params[i] if isinstance(sampling_params, (list, tuple)) else sampling_params)
@@ -159,16 +216,20 @@ class RolloutClient:
             time.sleep(interval_s)
 
     def pause_generation(self, mode: Optional[str] = None) -> None:
-        self._post("/pause_generation", {} if mode is None else {"mode": mode})
+        self._call("/pause_generation", {} if mode is None else {"mode": mode})
 
     def continue_generation(self) -> None:
-        self._post("/continue_generation")
+        self._call("/continue_generation", {})
 
     def release_memory_occupation(self, tags: Optional[list[str]] = None) -> None:
-        self._post("/release_memory_occupation", {} if tags is None else {"tags": tags})
+        self._call("/release_memory_occupation", {} if tags is None else {"tags": tags})
 
     def resume_memory_occupation(self, tags: Optional[list[str]] = None) -> None:
-        self._post("/resume_memory_occupation", {} if tags is None else {"tags": tags})
+        self._call("/resume_memory_occupation", {} if tags is None else {"tags": tags})
+
+    def _call(self, route: str, body: dict, **kw) -> Any:
+        sent_fields(route, body)
+        return self._post(route, body, **kw)
 
     # ---------------------------------------------------------------- weights
     def update_weights_from_tensor(self, named_tensors: Mapping[str, torch.Tensor] | Iterable, flush_cache: bool = True,
@@ -186,6 +247,7 @@ class RolloutClient:
         tail = {"load_format": "safetensors", "flush_cache": flush_cache}
         if weight_version is not None:
             tail["weight_version"] = weight_version
+        sent_fields("/update_weights_from_tensor", ["serialized_named_tensors", *tail])
         parts = [b'{"serialized_named_tensors":[']
         for i, blob in enumerate(blobs):
             parts += [b',"' if i else b'"', blob.encode("ascii") if isinstance(blob, str) else blob, b'"']
@@ -200,6 +262,7 @@ class RolloutClient:
         params = {"load_format": "safetensors", "flush_cache": "true" if flush_cache else "false"}
         if weight_version is not None:
             params["weight_version"] = weight_version
+        sent_fields("/update_weights_from_tensor", ["serialized_named_tensors", *params])
         parts = blob if isinstance(blob, (list, tuple)) else [blob]
         return self.request("POST", "/update_weights_from_tensor", data=_Parts(parts), timeout_s=timeout_s,
                             content_type="application/octet-stream", params=params).json()
@@ -207,7 +270,7 @@ class RolloutClient:
     def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
                                   group_name: str = "weight_update_group", backend: str = "nccl",
                                   timeout_s: Optional[float] = None) -> dict:
-        return self._post("/init_weights_update_group", {
+        return self._call("/init_weights_update_group", {
             "master_address": master_address, "master_port": int(master_port), "rank_offset": int(rank_offset),
             "world_size": int(world_size), "group_name": group_name, "backend": backend}, timeout_s=timeout_s,
             retries=0)
@@ -222,10 +285,34 @@ class RolloutClient:
         if weight_version is not None:
             body["weight_version"] = weight_version
         # Never retried: a repeated announcement would wait for broadcasts that will not come.
-        return self._post("/update_weights_from_distributed", body, timeout_s=timeout_s, retries=0)
+        return self._call("/update_weights_from_distributed", body, timeout_s=timeout_s, retries=0)
 
-    def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> dict:
-        return self._post("/destroy_weights_update_group", {"group_name": group_name})
+    def destroy_weights_update_group(self, group_name: str = "weight_update_group",
+                                     retries: Optional[int] = None) -> dict:
+        return self._call("/destroy_weights_update_group", {"group_name": group_name}, retries=retries)
+
+    def begin_weight_update(self) -> dict:
+        """Open the weight-update session (SGLang >= 0.5.21, our server); never retried."""
+        return self._call("/begin_weight_update", {}, retries=0)
+
+    def end_weight_update(self) -> dict:
+        return self._call("/end_weight_update", {}, retries=0)
+
+    def update_weight_version(self, version: str) -> dict:
+        """Name the served weights (each generation's meta_info says it back)."""
+        return self._call("/update_weight_version", {"new_version": str(version)})
+
+    @contextlib.contextmanager
+    def weight_update_session(self):
+        """`with client.weight_update_session(): ...updates...`, where the server has one."""
+        needed = self.needs_weight_update_session()
+        if needed:
+            self.begin_weight_update()
+        try:
+            yield
+        finally:
+            if needed:
+                self.end_weight_update()
 
 
 class _Parts:
@@ -246,23 +333,42 @@ class _Parts:
 
 
 def _refused(method: str, url: str, resp: requests.Response) -> RolloutError:
+    """The server's own message: ours `{"message", "field"}`, SGLang's weight endpoints
+    `{"success": false, "message"}`, its others `{"error": {"message"}}` or FastAPI's `{"detail"}`."""
     field_name, message = None, resp.text[:1000]
     try:
         payload = resp.json()
         if isinstance(payload, dict):
-            message = payload.get("message") or payload.get("detail") or message
+            err = payload.get("error")
+            if isinstance(err, dict):
+                err = err.get("message")
+            message = payload.get("message") or err or payload.get("detail") or message
             field_name = payload.get("field")
     except ValueError:
         pass
     return RolloutError(f"{method} {url}: HTTP {resp.status_code}: {message}", resp.status_code, field_name)
 
 
+def _version(text: Optional[str]) -> Optional[tuple]:
+    """`0.5.15.post1` -> (0, 5, 15); None for a missing or placeholder (`0.0.0.dev0`) version."""
+    parts = []
+    for piece in str(text or "").split(".")[:3]:
+        digits = "".join(c for c in piece if c.isdigit()) if piece[:1].isdigit() else ""
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts) if len(parts) == 3 and any(parts) else None
+
+
 def _completion(out: dict, prompt_index: int, return_logprob: bool) -> Completion:
-    meta = out.get("meta_info", {})
-    reason = meta.get("finish_reason") or {}
+    ids_key, meta_key, text_key = OUTPUT_READ
+    reason_key, prompt_key, logprobs_key, _ = META_INFO_READ
+    type_key, matched_key = FINISH_REASON_READ
+    meta = out.get(meta_key, {})
+    reason = meta.get(reason_key) or {}
     lps = None
     if return_logprob:
-        lps = [float(x[0]) for x in meta.get("output_token_logprobs", [])]
-    return Completion(prompt_index=prompt_index, output_ids=list(out.get("output_ids", [])), logprobs=lps,
-                      finish_reason=reason.get("type", "abort"), matched=reason.get("matched"),
-                      text=out.get("text"), prompt_tokens=int(meta.get("prompt_tokens", 0)), meta_info=meta)
+        lps = [float(x[0]) for x in meta.get(logprobs_key, [])]
+    return Completion(prompt_index=prompt_index, output_ids=list(out.get(ids_key, [])), logprobs=lps,
+                      finish_reason=reason.get(type_key, "abort"), matched=reason.get(matched_key),
+                      text=out.get(text_key), prompt_tokens=int(meta.get(prompt_key, 0)), meta_info=meta)

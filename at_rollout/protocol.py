@@ -7,7 +7,10 @@ raw body: nothing received is unpickled.
 
 Field names follow SGLang's `python/sglang/srt/managers/io_struct.py` (GenerateReqInput,
 UpdateWeightsFromTensorReqInput, InitWeightsUpdateGroupReqInput,
-UpdateWeightsFromDistributedReqInput, ...) and `sampling/sampling_params.py` as of 0.5.x.
+UpdateWeightsFromDistributedReqInput, ...) and `sampling/sampling_params.py`, 0.5.15.post1
+through 0.5.23. What the client sends and reads is declared below (`SGLANG_REQUESTS`, the
+`*_READ` tuples) and enforced by the client, so `tests/test_sglang_contract.py` checks the
+very sets the code uses against each SGLang wheel's own source.
 """
 from __future__ import annotations
 
@@ -106,6 +109,15 @@ class PauseRequest(_Strict):
     mode: Literal["abort", "retract", "in_place"] = "abort"
 
 
+class WeightUpdateSessionRequest(_Strict):
+    selector: Literal["all", "target"] = "all"  # SGLang's runners; this server has one model
+
+
+class UpdateWeightVersionRequest(_Strict):
+    new_version: str
+    abort_all_requests: bool = False
+
+
 class UpdateWeightsFromTensorRequest(_Strict):
     serialized_named_tensors: List[str]
     load_format: Optional[str] = None
@@ -142,6 +154,45 @@ class MemoryOccupationRequest(_Strict):
     tags: Optional[List[str]] = None
 
 
+# ---------------------------------------------------------------- the client's contract with SGLang
+# route -> (SGLang's request struct in io_struct.py, the fields the client may send)
+SGLANG_REQUESTS: Dict[str, tuple] = {
+    "/generate": ("GenerateReqInput", ("input_ids", "sampling_params", "return_logprob")),
+    "/pause_generation": ("PauseGenerationReqInput", ("mode",)),
+    "/continue_generation": ("ContinueGenerationReqInput", ()),
+    "/release_memory_occupation": ("ReleaseMemoryOccupationReqInput", ("tags",)),
+    "/resume_memory_occupation": ("ResumeMemoryOccupationReqInput", ("tags",)),
+    "/init_weights_update_group": ("InitWeightsUpdateGroupReqInput",
+                                   ("master_address", "master_port", "rank_offset", "world_size", "group_name",
+                                    "backend")),
+    "/destroy_weights_update_group": ("DestroyWeightsUpdateGroupReqInput", ("group_name",)),
+    "/update_weights_from_distributed": ("UpdateWeightsFromDistributedReqInput",
+                                         ("names", "dtypes", "shapes", "group_name", "flush_cache", "weight_version")),
+    "/update_weights_from_tensor": ("UpdateWeightsFromTensorReqInput",
+                                    ("serialized_named_tensors", "load_format", "flush_cache", "weight_version")),
+    "/update_weight_version": ("UpdateWeightVersionReqInput", ("new_version", "abort_all_requests")),
+    # SGLang 0.5.21 and later (the weight-update session; see SESSION_SINCE)
+    "/begin_weight_update": ("BeginWeightUpdateReqInput", ()),
+    "/end_weight_update": ("EndWeightUpdateReqInput", ()),
+}
+SESSION_ROUTES = ("/begin_weight_update", "/end_weight_update")
+SESSION_SINCE = "0.5.21"  # the first SGLang with the session; it refuses updates outside one
+SGLANG_GETS = ("/health_generate", "/model_info", "/server_info", "/flush_cache")  # no body sent
+OUTPUT_READ = ("output_ids", "meta_info", "text")  # each /generate output
+META_INFO_READ = ("finish_reason", "prompt_tokens", "output_token_logprobs", "weight_version")
+FINISH_REASON_READ = ("type", "matched")
+MODEL_INFO_READ = ("weight_version",)  # ours also says "dtype" and "tensor_update_bodies"
+SERVER_INFO_READ = ("version",)  # ours says "weight_update_session" instead
+UPDATE_ANSWER_READ = ("success", "message")  # the weight endpoints' JSON answer
+
+
+def sent_fields(route: str, fields) -> None:
+    """A programming error if the client is about to send a field it has not declared."""
+    extra = sorted(set(fields) - set(SGLANG_REQUESTS[route][1]))
+    if extra:
+        raise ValueError(f"{route}: field(s) {extra} are not in protocol.SGLANG_REQUESTS[{route!r}]")
+
+
 class FieldError(ValueError):
     """A request error that names the offending field (dotted path, list indices in brackets)."""
 
@@ -170,6 +221,9 @@ def field_error(err: ValidationError) -> FieldError:
     name = "".join(parts) or None
     what = "unknown field" if best["type"] == "extra_forbidden" else best["msg"]
     return FieldError(name, f"{name or 'body'}: {what}")
+
+
+SAMPLING_FIELDS = tuple(SamplingParamsIn.model_fields)  # the sampling knobs a client may pass
 
 
 # ---------------------------------------------------------------- responses

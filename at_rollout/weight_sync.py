@@ -5,7 +5,13 @@
 bucket at a time with `deepspeed.zero.GatheredParameters(..., modifier_rank=None)`, so the
 extra memory is about one bucket. Rank 0 alone talks to the servers:
 
-    pause_generation -> flush_cache -> one update per bucket -> continue_generation
+    pause_generation -> flush_cache -> [begin_weight_update] -> one update per bucket
+        -> [end_weight_update] -> update_weight_version -> continue_generation
+
+The bracketed session is opened where the server has one (SGLang >= 0.5.21 and our own
+server refuse updates outside it; asked once per server, `RolloutClient.
+needs_weight_update_session`). The weight version (the policy's step) is set once every
+bucket is in, so a generation's `meta_info.weight_version` never names partial weights.
 
 Two transports, the two SGLang offers:
 
@@ -19,10 +25,11 @@ Two transports, the two SGLang offers:
   tensors are broadcast from rank 0 over a dedicated weight-update group (gloo on CPU,
   NCCL on GPU; see `dist_group.py`) that leaves the trainer's default group alone.
 
-After every bucket rank 0 tells the other ranks whether it succeeded (one tiny broadcast on
-the default group), so a server failure raises on every rank instead of leaving ranks 1..N
-waiting in the next gather. After a failure the servers stay paused, holding a mix of old
-and new weights: re-sync (or restart them) before generating again.
+After every step rank 0 tells the other ranks whether it succeeded (one tiny broadcast on
+the default group; on failure the message too), so a server failure raises the same
+RolloutError, with the same status, on every rank instead of leaving ranks 1..N waiting in
+the next gather. After a failure the servers stay paused, holding a mix of old and new
+weights (an open session is closed): re-sync (or restart them) before generating again.
 """
 from __future__ import annotations
 
@@ -127,14 +134,20 @@ class WeightSync:
         self._send_buffers = tensor_codec.BufferPool(keep=self.in_flight + 1)
         self._asked_dtype = False
         self._group = None
+        self._sessions: list[bool] = []  # per client: updates need a weight-update session
+        self._open: list[RolloutClient] = []  # clients whose session this sync opened
+        self._synced = False
         if _rank() == 0 and not self.clients:
             raise ValueError("WeightSync on rank 0 needs the rollout server client(s)")
 
     # ---------------------------------------------------------------- the distributed group
     def connect(self) -> None:
-        """Distributed method, rank 0: form the weight-update group with every server."""
+        """Distributed method, rank 0: form the weight-update group with every server. A group
+        of the same name a server still holds (from a trainer that died) is destroyed first:
+        SGLang refuses to create a group whose name exists."""
         if self.method != "distributed" or _rank() != 0 or self._group is not None:
             return
+        self._drop_server_groups()
         backend = self.backend or ("nccl" if torch.cuda.is_available() else "gloo")
         address = self.master_address or _address_towards(self.clients[0].url)
         port = self.master_port or free_port(address if address != "0.0.0.0" else "127.0.0.1")
@@ -157,8 +170,10 @@ class WeightSync:
         except Exception as err:
             for t in threads:
                 t.join(self.timeout_s + 60)
+            refused = next((e for e in errors if isinstance(e, RolloutError) and e.refused), None)
             raise RolloutError(f"forming weight update group at {address}:{port} ({backend}, world {world}) "
-                               f"failed: {err}; server side: {[str(e) for e in errors] or 'no error'}") from None
+                               f"failed: {err}; server side: {[str(e) for e in errors] or 'no error'}",
+                               refused.status if refused else None) from None
         for t in threads:
             t.join(self.timeout_s + 60)
         if errors:
@@ -166,41 +181,40 @@ class WeightSync:
             raise errors[0]
         self._group = group
 
+    def _drop_server_groups(self) -> None:
+        """Ask every server to destroy its weight-update group; one it does not have, or a
+        server that is gone, is no error here."""
+        for c in self.clients:
+            with contextlib.suppress(RolloutError):
+                c.destroy_weights_update_group(self.group_name, retries=0)
+
     def close(self) -> None:
         """Rank 0: leave the weight-update group on both ends (servers may already be gone)."""
         if self._group is None:
             return
-        for c in self.clients:
-            with contextlib.suppress(RolloutError):
-                c.destroy_weights_update_group(self.group_name)
+        self._drop_server_groups()
         destroy_group(self._group)
         self._group = None
 
     def reconnect(self) -> None:
-        """After a server restart: drop the old group and form a new one."""
+        """After a server failure or restart (any rank; only rank 0 acts): destroy the group on
+        every live server and here. The next `sync` forms a new one, inside its agreed steps,
+        so a failure to form it raises on every rank."""
+        if self.method != "distributed" or _rank() != 0:
+            return
+        self._drop_server_groups()
         if self._group is not None:
             destroy_group(self._group)
             self._group = None
-        self.connect()
 
     # ---------------------------------------------------------------- sync
     def sync(self, model: torch.nn.Module, weight_version: Optional[str] = None) -> SyncStats:
-        """Send every parameter of `model` to the servers (collective: call it on all ranks)."""
+        """Send every parameter of `model` to the servers (collective: call it on all ranks);
+        `weight_version` (the policy's step) names the weights once they are all in."""
         start = time.perf_counter()
         rank0 = _rank() == 0
-        if rank0 and self.method == "distributed" and self._group is None:
-            self.connect()
         named = self._named_params(model)
-        failure: Optional[str] = None
-        if rank0:
-            try:
-                self._ask_servers()
-                for c in self.clients:
-                    c.pause_generation(self.pause_mode)
-                    c.flush_cache()
-            except RolloutError as err:
-                failure = str(err)
-        self._agree(failure)
+        self._agree(self._on_rank0(self._begin) if rank0 else None)
         stats = SyncStats(0.0, 0, 0, 0)
         pending: list[tuple[Future, torch.Tensor]] = []  # tensor method: (post, its buffer), oldest first
         pool = ThreadPoolExecutor(max_workers=self.in_flight, thread_name_prefix="weight-sync") if rank0 else None
@@ -223,17 +237,17 @@ class WeightSync:
                                     self._send_buffers.release(buf)
                                     buf = None
                             else:
-                                self._broadcast_bucket(tensors, weight_version)
+                                self._broadcast_bucket(tensors)
                             del tensors
                         except Exception as err:
-                            failure = f"{type(err).__name__}: {err}"
+                            failure = err
                 if rank0 and failure is None and self.method == "tensor":
                     # At most `in_flight` buckets travel at once: the server applies one while
                     # it reads the next, and the ranks gather and serialize the one after.
                     while len(pending) >= self.in_flight and failure is None:
                         failure = self._finish(*pending.pop(0))
                     if failure is None:
-                        pending.append((pool.submit(self._post_blob, blob, weight_version), buf))
+                        pending.append((pool.submit(self._post_blob, blob), buf))
                     else:
                         self._send_buffers.release(buf)
                 elif buf is not None:
@@ -241,20 +255,61 @@ class WeightSync:
                 blob = buf = None
                 self._agree(failure)
                 stats.buckets += 1
+            failure = None
             if rank0:
                 while pending:
                     failure = self._finish(*pending.pop(0)) or failure
             self._agree(failure)
-            if rank0:
-                for c in self.clients:
-                    c.continue_generation()
+            self._agree(self._on_rank0(lambda: self._end(weight_version)) if rank0 else None)
         finally:
             if pool is not None:
                 pool.shutdown(wait=True)
                 for _, buf in pending:
                     self._send_buffers.release(buf)
+            self._close_sessions()  # only after a failure is one still open
         stats.seconds = time.perf_counter() - start
         return stats
+
+    def _begin(self) -> None:
+        """Rank 0, before the first bucket: the group, what each server takes, pause, flush, session."""
+        if self.method == "distributed" and self._group is None:
+            self.connect()
+        self._ask_servers()
+        for c in self.clients:
+            c.pause_generation(self.pause_mode)
+            c.flush_cache()
+        for c, needed in zip(self.clients, self._sessions):
+            if needed and not self._synced:  # a session a trainer that died left open
+                with contextlib.suppress(RolloutError):
+                    c.end_weight_update()
+            if needed:
+                c.begin_weight_update()
+                self._open.append(c)
+        self._synced = True
+
+    def _end(self, weight_version: Optional[str]) -> None:
+        """Rank 0, after the last bucket: close the session, name the weights, generate again."""
+        while self._open:
+            self._open[0].end_weight_update()
+            self._open.pop(0)
+        for c in self.clients:
+            if weight_version is not None:
+                c.update_weight_version(str(weight_version))
+            c.continue_generation()
+
+    def _close_sessions(self) -> None:
+        while self._open:
+            with contextlib.suppress(RolloutError):
+                self._open[0].end_weight_update()
+            self._open.pop(0)
+
+    @staticmethod
+    def _on_rank0(step: Callable[[], None]) -> Optional[BaseException]:
+        try:
+            step()
+        except Exception as err:  # agreed on by every rank right after
+            return err
+        return None
 
     # ---------------------------------------------------------------- pieces
     def _named_params(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -284,7 +339,10 @@ class WeightSync:
         return t.to(self.dtype) if self.dtype is not None and t.dtype != self.dtype else t
 
     def _ask_servers(self) -> None:
-        """Once: the served dtype (if the server says) and which body each server takes."""
+        """Once: the served dtype (if the server says), which body each server takes and
+        which needs a weight-update session."""
+        if not self._sessions:
+            self._sessions = [c.needs_weight_update_session() for c in self.clients]
         need_dtype = self.dtype is None and not self._asked_dtype
         need_body = self.method == "tensor" and self._binary is None
         if not (need_dtype or need_body):
@@ -298,23 +356,23 @@ class WeightSync:
             self._binary = [self.tensor_body == "binary" or (
                 self.tensor_body == "auto" and "binary" in (info.get("tensor_update_bodies") or [])) for info in infos]
 
-    def _post_blob(self, blob, weight_version: Optional[str]):
+    def _post_blob(self, blob):
         encoded = None
         for c, binary in zip(self.clients, self._binary):  # set by `_ask_servers` before any bucket
             if binary:
-                c.update_weights_from_blob(blob, flush_cache=False, weight_version=weight_version)
+                c.update_weights_from_blob(blob, flush_cache=False)
             else:
                 encoded = encoded or tensor_codec.b64encode(b"".join(blob) if isinstance(blob, list) else blob)
-                c.update_weights_from_serialized([encoded], flush_cache=False, weight_version=weight_version)
+                c.update_weights_from_serialized([encoded], flush_cache=False)
 
-    def _finish(self, fut: Future, buf: Optional[torch.Tensor]) -> Optional[str]:
+    def _finish(self, fut: Future, buf: Optional[torch.Tensor]) -> Optional[BaseException]:
         """Wait for one bucket's post, give its buffer back; the error, if any."""
         try:
             return _result(fut)
         finally:
             self._send_buffers.release(buf)
 
-    def _broadcast_bucket(self, tensors, weight_version):
+    def _broadcast_bucket(self, tensors):
         names = [n for n, _ in tensors]
         dtypes = [dtype_name(t.dtype) for _, t in tensors]
         shapes = [list(t.shape) for _, t in tensors]
@@ -323,7 +381,7 @@ class WeightSync:
         def announce(i: int, c: RolloutClient):
             try:
                 c.update_weights_from_distributed(names, dtypes, shapes, self.group_name, flush_cache=False,
-                                                  weight_version=weight_version, timeout_s=self.timeout_s + 30)
+                                                  timeout_s=self.timeout_s + 30)
             except BaseException as err:
                 results[i] = err
 
@@ -342,19 +400,25 @@ class WeightSync:
         if errors:
             raise errors[0]
 
-    def _agree(self, failure: Optional[str]) -> None:
-        """Rank 0 tells every rank whether to go on; all ranks raise together."""
+    def _agree(self, failure: Optional[BaseException]) -> None:
+        """Rank 0 tells every rank whether to go on; on failure all ranks raise the same
+        RolloutError (message and HTTP status: a 4xx is `refused`, never worth a retry)."""
+        status = failure.status if isinstance(failure, RolloutError) else None
+        message = None if failure is None else (
+            str(failure) if isinstance(failure, RolloutError) else f"{type(failure).__name__}: {failure}")
         if _world() > 1:
             device = torch.device("cpu")
             if "nccl" in str(dist.get_backend()) and torch.cuda.is_available():
                 device = torch.device("cuda", torch.cuda.current_device())
             flag = torch.tensor([0 if failure is None else 1], device=device)
             dist.broadcast(flag, src=0)
-            if int(flag.item()) and failure is None:
-                failure = "weight sync failed on rank 0 (see its log)"
-        if failure is not None:
-            raise RolloutError(f"weight sync failed: {failure}. The rollout servers are left paused with partly "
-                               "updated weights; sync again (or restart them) before generating.")
+            if int(flag.item()):
+                box = [(message, status)]
+                dist.broadcast_object_list(box, src=0)
+                message, status = box[0]
+        if message is not None:
+            raise RolloutError(f"weight sync failed: {message}. The rollout servers are left paused with partly "
+                               "updated weights; sync again (or restart them) before generating.", status)
 
 
 def _stays(param: torch.Tensor, t: torch.Tensor) -> bool:
@@ -369,14 +433,14 @@ def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for _, t in tensors)
 
 
-def _result(fut: Optional[Future]) -> Optional[str]:
+def _result(fut: Optional[Future]) -> Optional[BaseException]:
     if fut is None:
         return None
     try:
         fut.result()
         return None
     except Exception as err:
-        return f"{type(err).__name__}: {err}"
+        return err
 
 
 def gathered(params):

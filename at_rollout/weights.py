@@ -34,7 +34,7 @@ class ServedWeights:
         self._receive_lock = threading.Lock()
         self._claims_lock = threading.Lock()
         self._claimed: Dict[str, object] = {}  # weight -> the update landing in its spare right now
-        self.version: Optional[str] = None
+        self.version: Optional[str] = "default"  # SGLang's name for the weights it started with
 
     def describe(self) -> Dict[str, dict]:
         return {k: {"shape": list(v.shape), "dtype": dtype_name(v.dtype)} for k, v in self.tensors.items()}

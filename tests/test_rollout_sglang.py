@@ -1,6 +1,7 @@
 """The SGLang side without SGLang: launch command lines from the rollout config, and the
-request bodies our client sends, checked against SGLang 0.5.x's request dataclasses
-(`python/sglang/srt/managers/io_struct.py`, `sampling/sampling_params.py`)."""
+calls our client makes, in order, against a stand-in that answers as SGLang's routes do in
+a release without the weight-update session (0.5.15.post1) and one with it (0.5.23). The
+fields themselves are checked against SGLang's own source in test_sglang_contract.py."""
 from __future__ import annotations
 
 import importlib.util
@@ -13,29 +14,9 @@ import torch
 
 from at_core.config import load_config
 from at_rollout.client import RolloutClient, RolloutError
+from at_rollout.protocol import SAMPLING_FIELDS, SESSION_ROUTES, SGLANG_GETS, SGLANG_REQUESTS
 from at_rollout.sglang import SGLangServer, check_rollout_config, sglang_command
 from at_rollout.weight_sync import WeightSync
-
-# Field names of SGLang 0.5.x's request dataclasses (the subset a client may send).
-SGLANG_FIELDS = {
-    "/generate": {"text", "input_ids", "sampling_params", "return_logprob", "logprob_start_len", "top_logprobs_num",
-                  "return_text_in_logprobs", "stream", "rid", "log_metrics"},
-    "/init_weights_update_group": {"master_address", "master_port", "rank_offset", "world_size", "group_name",
-                                   "backend"},
-    "/update_weights_from_distributed": {"names", "dtypes", "shapes", "group_name", "flush_cache",
-                                         "abort_all_requests", "weight_version", "load_format"},
-    "/update_weights_from_tensor": {"serialized_named_tensors", "load_format", "flush_cache", "abort_all_requests",
-                                    "weight_version"},
-    "/destroy_weights_update_group": {"group_name"},
-    "/pause_generation": {"mode"},
-    "/continue_generation": set(),
-    "/release_memory_occupation": {"tags"},
-    "/resume_memory_occupation": {"tags"},
-    "/flush_cache": set(),
-}
-SGLANG_SAMPLING = {"max_new_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stop", "stop_token_ids",
-                   "ignore_eos", "skip_special_tokens", "sampling_seed", "no_stop_trim"}
-
 
 def rollout_cfg(*overrides):
     return load_config(overrides=["rollout.backend=sglang", "rollout.sync_method=distributed", *overrides]).rollout
@@ -77,24 +58,46 @@ def test_failed_sglang_start_raises_with_the_log_tail(tmp_path):
 
 
 class _StandIn(BaseHTTPRequestHandler):
-    """Records each request (path, JSON body) and answers as SGLang does."""
+    """Records each request (path, JSON body) and answers as SGLang `version` does: the
+    session routes exist from 0.5.21 on, and there an update outside a session is a 400."""
 
     log: list = []
+    version = "0.5.23"
+    session = False
+    refuse_updates = False
 
     def _answer(self):
         size = int(self.headers.get("content-length") or 0)
         body = json.loads(self.rfile.read(size) or b"{}")
-        self.log.append((self.path, body, self.headers.get("authorization")))
-        if self.path == "/generate":
+        path = self.path.split("?")[0]
+        self.log.append((path, body, self.headers.get("authorization")))
+        has_session = self.version >= "0.5.21"
+        status, out = 200, {"success": True, "message": "ok"}
+        if path == "/generate":
             n = body["sampling_params"].get("n", 1)
             out = [{"text": "x", "output_ids": [5, 6], "meta_info": {
                 "id": "r", "finish_reason": {"type": "stop", "matched": 6}, "prompt_tokens": len(p),
-                "completion_tokens": 2, "output_token_logprobs": [[-0.5, 5, None], [-0.25, 6, None]]}}
-                for p in body["input_ids"] for _ in range(n)]
-        else:
-            out = {"success": True, "message": "ok"}
+                "completion_tokens": 2, "output_token_logprobs": [[-0.5, 5, None], [-0.25, 6, None]],
+                "weight_version": "7"}} for p in body["input_ids"] for _ in range(n)]
+        elif path == "/server_info":
+            out = {"version": self.version, "tp_size": 1}
+        elif path == "/model_info":
+            out = {"model_path": "/m", "weight_version": "default", "is_generation": True}
+        elif path in SESSION_ROUTES and not has_session:
+            status, out = 404, {"detail": "Not Found"}
+        elif path in SESSION_ROUTES:
+            opening = path == "/begin_weight_update"
+            if opening == _StandIn.session:
+                status, out = 400, {"success": False, "message": "session already open" if opening else
+                                    "no weight-update session is open; call begin_weight_update() first"}
+            _StandIn.session = opening if status == 200 else _StandIn.session
+        elif path.startswith("/update_weights_from") and _StandIn.refuse_updates:
+            status, out = 400, {"success": False, "message": "Failed to update parameter online: bad shape"}
+        elif path.startswith("/update_weights_from") and has_session and not _StandIn.session:
+            status, out = 400, {"success": False, "message": f"{path[1:]} must run between "
+                                "begin_weight_update() and end_weight_update()"}
         data = json.dumps(out).encode()
-        self.send_response(200)
+        self.send_response(status)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(data)))
         self.end_headers()
@@ -106,25 +109,27 @@ class _StandIn(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def stand_in():
-    _StandIn.log = []
+@pytest.fixture(params=["0.5.15.post1", "0.5.23"])
+def stand_in(request):
+    _StandIn.log, _StandIn.version, _StandIn.session, _StandIn.refuse_updates = [], request.param, False, False
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _StandIn)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}", _StandIn.log
     httpd.shutdown()
 
 
-def test_client_request_bodies_use_sglang_fields(stand_in):
+def test_client_sends_only_the_declared_fields(stand_in):
     url, log = stand_in
     c = RolloutClient(url, api_key="k")
     out = c.generate([[1, 2], [3]], {"max_new_tokens": 4, "temperature": 0.6, "top_p": 0.95, "n": 2,
                                      "stop": ["</answer>"], "sampling_seed": 1})
-    assert [o.prompt_index for o in out] == [0, 0, 1, 1]
+    assert [o.prompt_index for o in out] == [0, 0, 1, 1] and out[0].weight_version == "7"
     assert out[0].logprobs == [-0.5, -0.25] and out[0].finish_reason == "stop" and out[0].matched == 6
     c.init_weights_update_group("10.0.0.1", 29500, 1, 3, backend="nccl")
-    c.update_weights_from_distributed(["lm_head.weight"], [torch.bfloat16], [[8, 4]], weight_version="3")
-    c.update_weights_from_tensor({"a": torch.zeros(2)})
+    with c.weight_update_session():
+        c.update_weights_from_distributed(["lm_head.weight"], [torch.bfloat16], [[8, 4]], weight_version="3")
+        c.update_weights_from_tensor({"a": torch.zeros(2)})
+    c.update_weight_version("4")
     c.destroy_weights_update_group()
     c.pause_generation("abort")
     c.flush_cache()
@@ -133,23 +138,57 @@ def test_client_request_bodies_use_sglang_fields(stand_in):
     c.resume_memory_occupation()
     for path, body, auth in log:
         assert auth == "Bearer k"
-        assert set(body) <= SGLANG_FIELDS[path], (path, set(body) - SGLANG_FIELDS[path])
+        if path in SGLANG_GETS:
+            assert body == {}
+            continue
+        assert set(body) <= set(SGLANG_REQUESTS[path][1]), (path, set(body) - set(SGLANG_REQUESTS[path][1]))
         if path == "/generate":
-            assert set(body["sampling_params"]) <= SGLANG_SAMPLING
+            assert set(body["sampling_params"]) <= set(SAMPLING_FIELDS)
     bodies = {path: body for path, body, _ in log}
     assert bodies["/update_weights_from_distributed"]["dtypes"] == ["bfloat16"]
     assert bodies["/update_weights_from_distributed"]["shapes"] == [[8, 4]]
     assert bodies["/init_weights_update_group"] == {"master_address": "10.0.0.1", "master_port": 29500,
                                                     "rank_offset": 1, "world_size": 3,
                                                     "group_name": "weight_update_group", "backend": "nccl"}
+    assert bodies["/update_weight_version"] == {"new_version": "4"}
 
 
-def test_sync_protocol_order_pause_flush_buckets_continue(stand_in):
+def test_sync_order_with_and_without_the_session(stand_in):
     url, log = stand_in
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
-    stats = WeightSync(RolloutClient(url), "tensor", bucket_mb=0.02).sync(model)
+    sync = WeightSync(RolloutClient(url), "tensor", bucket_mb=0.02)
+    stats = sync.sync(model, weight_version=12)
     paths = [p for p, _, _ in log]
-    assert paths[:3] == ["/model_info", "/pause_generation", "/flush_cache"]  # the served dtype, asked once
-    assert paths[-1] == "/continue_generation"
-    assert paths[3:-1] == ["/update_weights_from_tensor"] * stats.buckets and stats.buckets == 2
-    assert stats.tensors == 4
+    session = _StandIn.version >= "0.5.21"
+    probe = ["/server_info"]  # the version says whether the session exists: asked once
+    # the first sync closes any session a dead trainer left open (the stand-in answers 400: none)
+    head = probe + ["/model_info", "/pause_generation", "/flush_cache"] + \
+        ["/end_weight_update", "/begin_weight_update"] * session
+    tail = ["/end_weight_update"] * session + ["/update_weight_version", "/continue_generation"]
+    assert paths == head + ["/update_weights_from_tensor"] * stats.buckets + tail and stats.buckets == 2
+    assert log[-2][1] == {"new_version": "12"} and stats.tensors == 4
+    log.clear()
+    sync.sync(model)
+    assert [p for p, _, _ in log][:3] == ["/pause_generation", "/flush_cache"] + \
+        ["/begin_weight_update"] * session + ["/update_weights_from_tensor"] * (not session)  # nothing asked again
+    assert not _StandIn.session
+
+
+def test_a_failed_sync_closes_the_session_and_raises_the_servers_message(stand_in):
+    url, log = stand_in
+    c = RolloutClient(url, retries=0)
+    session = _StandIn.version >= "0.5.21"
+    if session:
+        with pytest.raises(RolloutError, match="must run between") as err:
+            c.update_weights_from_distributed(["w"], ["float32"], [[1]])  # outside a session: refused
+        assert err.value.status == 400 and err.value.refused
+        _StandIn.session = True  # a session left open by a trainer that died: closed by the first sync
+    sync = WeightSync(c, "tensor", bucket_mb=0.02)
+    sync.sync(torch.nn.Linear(4, 4))
+    _StandIn.refuse_updates = True
+    log.clear()
+    with pytest.raises(RolloutError, match="bad shape") as err:
+        sync.sync(torch.nn.Linear(4, 4))
+    assert err.value.status == 400 and err.value.refused  # a 4xx: never retried by the caller
+    assert not _StandIn.session and [p for p, _, _ in log].count("/end_weight_update") == session
+    assert "/continue_generation" not in [p for p, _, _ in log]  # left paused, as documented

@@ -101,21 +101,22 @@ def test_rejected_tensor_updates_leave_weights_untouched(server, client, model):
         ({**good, "model.layers.99.nope.weight": torch.zeros(2)}, "model.layers.99.nope.weight"),
         ({**good, "lm_head.weight": sd["lm_head.weight"].to(torch.float16)}, "float16"),
     ]
-    for named, name in bad_cases:
-        with pytest.raises(RolloutError) as err:
-            client.update_weights_from_tensor(named)
-        assert err.value.status == 400 and err.value.field == "serialized_named_tensors[0]", err.value
-        assert name in str(err.value)
-    blob = tensor_codec.encode(good)
-    for body, field in [
-        ({"serialized_named_tensors": [blob]}, "load_format"),
-        ({"serialized_named_tensors": ["%%%"], "load_format": "safetensors"}, "serialized_named_tensors[0]"),
-        ({"serialized_named_tensors": [base64.b64encode(b"junk").decode()], "load_format": "safetensors"},
-         "serialized_named_tensors[0]"),
-        ({"serialized_named_tensors": blob, "load_format": "safetensors"}, "serialized_named_tensors"),
-    ]:
-        r = requests.post(server.url + "/update_weights_from_tensor", json=body, timeout=30)
-        assert r.status_code == 400 and r.json()["field"] == field, r.text
+    with client.weight_update_session():
+        for named, name in bad_cases:
+            with pytest.raises(RolloutError) as err:
+                client.update_weights_from_tensor(named)
+            assert err.value.status == 400 and err.value.field == "serialized_named_tensors[0]", err.value
+            assert name in str(err.value)
+        blob = tensor_codec.encode(good)
+        for body, field in [
+            ({"serialized_named_tensors": [blob]}, "load_format"),
+            ({"serialized_named_tensors": ["%%%"], "load_format": "safetensors"}, "serialized_named_tensors[0]"),
+            ({"serialized_named_tensors": [base64.b64encode(b"junk").decode()], "load_format": "safetensors"},
+             "serialized_named_tensors[0]"),
+            ({"serialized_named_tensors": blob, "load_format": "safetensors"}, "serialized_named_tensors"),
+        ]:
+            r = requests.post(server.url + "/update_weights_from_tensor", json=body, timeout=30)
+            assert r.status_code == 400 and r.json()["field"] == field, r.text
     assert served(client) == before  # bit-identical: nothing was applied
 
 
@@ -127,25 +128,26 @@ def test_rejected_binary_updates_leave_weights_untouched(server, client, model):
     good = {k: v + 1.0 for k, v in list(sd.items())[:3]}
     url = server.url + "/update_weights_from_tensor"
     octet = {"Content-Type": "application/octet-stream"}
-    for named, name in [({**good, "model.layers.0.mlp.up_proj.weight": torch.zeros(3, 3)}, "up_proj"),
-                        ({**good, "model.layers.99.nope.weight": torch.zeros(2)}, "nope"),
-                        ({**good, "lm_head.weight": sd["lm_head.weight"].to(torch.float16)}, "float16")]:
-        with pytest.raises(RolloutError) as err:
-            client.update_weights_from_blob(tensor_codec.serialize(named))
-        assert err.value.status == 400 and err.value.field == "body" and name in str(err.value)
-    blob = bytes(tensor_codec.serialize(good))
-    for data, params, status, field in [
-        (blob[:-4], {}, 400, "body"),  # truncated data region
-        (b"\xff" * 16, {}, 400, "body"),  # header length past the end
-        (blob, {"load_format": "pickle"}, 400, "load_format"),
-        (blob, {"flush_cache": "maybe"}, 400, "flush_cache"),
-        (blob, {"weights_version": "x"}, 400, "weights_version"),
-        (iter([blob]), {}, 411, "Content-Length"),  # chunked: no declared length
-    ]:
-        r = requests.post(url, data=data, params=params, headers=octet, timeout=30)
-        assert r.status_code == status and r.json()["field"] == field, r.text
-    assert served(client) == before  # bit-identical: nothing was applied
-    client.update_weights_from_blob(tensor_codec.serialize(dict(sd)), weight_version="binary-ok")
+    with client.weight_update_session():
+        for named, name in [({**good, "model.layers.0.mlp.up_proj.weight": torch.zeros(3, 3)}, "up_proj"),
+                            ({**good, "model.layers.99.nope.weight": torch.zeros(2)}, "nope"),
+                            ({**good, "lm_head.weight": sd["lm_head.weight"].to(torch.float16)}, "float16")]:
+            with pytest.raises(RolloutError) as err:
+                client.update_weights_from_blob(tensor_codec.serialize(named))
+            assert err.value.status == 400 and err.value.field == "body" and name in str(err.value)
+        blob = bytes(tensor_codec.serialize(good))
+        for data, params, status, field in [
+            (blob[:-4], {}, 400, "body"),  # truncated data region
+            (b"\xff" * 16, {}, 400, "body"),  # header length past the end
+            (blob, {"load_format": "pickle"}, 400, "load_format"),
+            (blob, {"flush_cache": "maybe"}, 400, "flush_cache"),
+            (blob, {"weights_version": "x"}, 400, "weights_version"),
+            (iter([blob]), {}, 411, "Content-Length"),  # chunked: no declared length
+        ]:
+            r = requests.post(url, data=data, params=params, headers=octet, timeout=30)
+            assert r.status_code == status and r.json()["field"] == field, r.text
+        assert served(client) == before  # bit-identical: nothing was applied
+        client.update_weights_from_blob(tensor_codec.serialize(dict(sd)), weight_version="binary-ok")
     assert client.model_info()["weight_version"] == "binary-ok"
 
 
@@ -159,15 +161,16 @@ def test_concurrent_binary_updates_of_the_same_weights_never_mix(client, model):
     names = [k for k in sd if k.startswith("model.layers.0.")]
     updates = [{k: torch.full_like(sd[k], float(v)) for k in names} for v in (1, 2)]
     blobs = [bytes(tensor_codec.serialize(u)) for u in updates]
-    for _ in range(3):
-        threads = [threading.Thread(target=client.update_weights_from_blob, args=(b,)) for b in blobs]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        # Whichever was swapped in last is served, whole (both carry the same weights).
-        assert min(max_diff(client, _with(model, u)) for u in updates) < 1e-5
-    client.update_weights_from_blob(tensor_codec.serialize(dict(sd)))  # leave the served model as it was
+    with client.weight_update_session():
+        for _ in range(3):
+            threads = [threading.Thread(target=client.update_weights_from_blob, args=(b,)) for b in blobs]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            # Whichever was swapped in last is served, whole (both carry the same weights).
+            assert min(max_diff(client, _with(model, u)) for u in updates) < 1e-5
+        client.update_weights_from_blob(tensor_codec.serialize(dict(sd)))  # leave the served model as it was
 
 
 def test_spare_storage_claims_belong_to_their_update(model):
@@ -206,6 +209,7 @@ def test_binary_body_shorter_than_declared_is_a_400_and_the_server_keeps_serving
     from urllib.parse import urlparse
 
     u = urlparse(server.url)
+    client.begin_weight_update()
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
     conn.putrequest("POST", "/update_weights_from_tensor")
     conn.putheader("Content-Type", "application/octet-stream")
@@ -220,6 +224,7 @@ def test_binary_body_shorter_than_declared_is_a_400_and_the_server_keeps_serving
         pass  # the server may also just drop a connection whose body never came
     finally:
         conn.close()
+        client.end_weight_update()
     assert client.health() and client.generate(PROMPTS, SP)
 
 
@@ -246,7 +251,7 @@ def test_group_init_errors_name_the_field(client):
         with pytest.raises(RolloutError) as err:
             client.init_weights_update_group("127.0.0.1", 1, world_size=2, **kwargs)
         assert err.value.status == 400 and err.value.field == field
-    with pytest.raises(RolloutError) as err:
+    with client.weight_update_session(), pytest.raises(RolloutError) as err:
         client.update_weights_from_distributed(["lm_head.weight"], ["float32"], [[1]], group_name="nope")
     assert err.value.field == "group_name"
 
@@ -378,10 +383,11 @@ def test_long_strings_are_lifted_only_when_plain():
     assert lift_long_strings(b'{"a": "unterminated', min_len=4) == (b'{"a": "unterminated', {})
 
 
-def test_truncated_weight_update_is_a_400(server):
+def test_truncated_weight_update_is_a_400(server, client):
     blob = tensor_codec.encode({"lm_head.weight": torch.zeros(2)})
-    r = requests.post(server.url + "/update_weights_from_tensor", timeout=30,
-                      data=b'{"load_format": "safetensors", "serialized_named_tensors": ["' + blob.encode() + b'"')
+    with client.weight_update_session():
+        r = requests.post(server.url + "/update_weights_from_tensor", timeout=30,
+                          data=b'{"load_format": "safetensors", "serialized_named_tensors": ["' + blob.encode() + b'"')
     assert r.status_code == 400 and "malformed JSON" in r.json()["message"]
 
 
