@@ -161,3 +161,12 @@ def test_loss_forms_gradients_match_their_formulas(tiny_model_dir, tmp_path):
             (weights[i] * per_token).sum().backward()
         for name, p in model.named_parameters():
             torch.testing.assert_close(got[form][name], p.grad, atol=2e-6, rtol=1e-4, msg=lambda m: f"{form} {name}: {m}")
+
+
+@pytest.mark.timeout(600)
+def test_reset_optimizer_gives_a_fresh_runs_update(tiny_model_dir, tmp_path):
+    torchrun(ROOT / "tests" / "dist" / "reset_optimizer.py", 1, tiny_model_dir, tmp_path, tmp_path / "w.pt")
+    w = torch.load(tmp_path / "w.pt")
+    for name, fresh in w["fresh"].items():
+        torch.testing.assert_close(w["reset"][name], fresh, atol=1e-6, rtol=1e-5)
+    assert max((w["continued"][n] - w["fresh"][n]).abs().max().item() for n in w["fresh"]) > 1e-5
