@@ -4,7 +4,13 @@ Rank 0 owns the servers (the project's own server on loopback, an SGLang launch,
 already-running URLs) and sends the generation requests; every rank takes part in the
 weight sync because ZeRO-3 gathers are collective. When a server dies mid-run, all ranks
 agree on it, rank 0 restarts the server, everyone re-syncs the current weights, and the
-same request is sent again: the step is neither lost nor repeated.
+same request is sent again: the step is neither lost nor repeated. A 4xx answer (a request
+that will never succeed) ends the run at once with the server's message, on every rank.
+
+Every sync names the weights (`weight_version`: the policy's step, counted here unless the
+caller gives it); each generation's `meta_info` says which weights made it, and rollouts
+made with other weights than the last synced ones are refused (re-synced and generated
+again). `metrics()` reports `rollout/weight_version_lag` of the last generation.
 """
 from __future__ import annotations
 
@@ -46,12 +52,21 @@ class RolloutWorkers:
         self.clients: List[RolloutClient] = []
         self.weight_sync: Optional[WeightSync] = None
         self.restarts = 0
+        self.weight_version: Optional[int] = None  # of the last completed sync
+        self.last_weight_version_lag: Optional[int] = None  # of the last generation (0: fresh)
 
     # ---------------------------------------------------------------- lifecycle
-    def start(self, module=None) -> None:
-        """Rank 0 launches (or connects to) the servers; then all ranks push the actor's weights."""
+    def start(self, module=None, weight_version: int = 0) -> None:
+        """Rank 0 launches (or connects to) the servers; then all ranks push the actor's weights
+        (named `weight_version`: the policy's global step). A server that never comes up
+        raises the same RolloutError on every rank."""
+        error = None
         if self.rank == 0:
-            self._launch()
+            try:
+                self._launch()
+            except RolloutError as err:
+                error = (str(err), err.status)
+        _raise_agreed(broadcast_from_rank0(error))
         self.weight_sync = WeightSync(
             self.clients if self.rank == 0 else None,
             self.cfg.sync_method,
@@ -60,7 +75,7 @@ class RolloutWorkers:
             timeout_s=self.cfg.request_timeout_s,
         )
         if module is not None:
-            self.sync(module)
+            self.sync(module, weight_version)
 
     def _launch(self) -> None:
         kw = dict(timeout_s=self.cfg.request_timeout_s, retries=self.cfg.retries)
@@ -102,14 +117,18 @@ class RolloutWorkers:
                 c.resume_memory_occupation()
 
     # ---------------------------------------------------------------- the two operations
-    def sync(self, module) -> None:
-        """Push the actor's weights (collective); a server that died meanwhile is restarted first."""
+    def sync(self, module, weight_version: Optional[int] = None) -> None:
+        """Push the actor's weights (collective), named `weight_version` (default: one past the
+        last); a server that died meanwhile is restarted first. A refusal (4xx) is final."""
+        if weight_version is None:
+            weight_version = 0 if self.weight_version is None else self.weight_version + 1
         for attempt in range(self.cfg.retries + 1):
             try:
-                self.weight_sync.sync(module)
+                self.weight_sync.sync(module, weight_version=str(weight_version))
+                self.weight_version = int(weight_version)
                 return
-            except RolloutError as err:  # raised on every rank together
-                if attempt == self.cfg.retries:
+            except RolloutError as err:  # raised on every rank together, with the same status
+                if err.refused or attempt == self.cfg.retries:
                     raise
                 self._restart_dead(str(err))
 
@@ -120,15 +139,36 @@ class RolloutWorkers:
             if self.rank == 0:
                 try:
                     result = self._generate_on_servers(prompt_ids, params)
+                    self.last_weight_version_lag = self._check_versions(result)
                 except RolloutError as err:
-                    error = str(err)
+                    error = (str(err), err.status)
             error = broadcast_from_rank0(error)
             if error is None:
                 return broadcast_from_rank0(result)
-            if attempt == self.cfg.retries:
-                raise RolloutError(f"rollout failed after {attempt + 1} attempts: {error}")
-            self._recover(module, error)
+            if attempt == self.cfg.retries or RolloutError(*error).refused:
+                _raise_agreed(error, "" if attempt == 0 else f"rollout failed after {attempt + 1} attempts: ")
+            self._recover(module, error[0])
         raise AssertionError("unreachable")
+
+    def metrics(self) -> Dict[str, float]:
+        """`rollout/weight_version_lag` of the last generation (rank 0; empty before one)."""
+        lag = self.last_weight_version_lag
+        return {} if lag is None else {"rollout/weight_version_lag": float(lag)}
+
+    def _check_versions(self, result: List[List[Sample]]) -> Optional[int]:
+        """The largest lag (synced version minus the one each sample names); any lag refuses
+        the rollout: it was made with weights the trainer no longer has."""
+        if self.weight_version is None:
+            return None  # never synced: serving the directory's own weights (evaluation)
+        lags = set()
+        for s in (s for group in result for s in group):
+            v = s.weight_version
+            lags.add(self.weight_version - int(v) if v is not None and str(v).lstrip("-").isdigit() else None)
+        if None in lags or max(lags, default=0) != 0:
+            found = sorted({str(s.weight_version) for g in result for s in g})
+            raise RolloutError(f"stale rollout: samples were made with weight version(s) {found}, the trainer "
+                               f"synced version {self.weight_version}")
+        return max(lags, default=0)
 
     def _generate_on_servers(self, prompt_ids, params) -> List[List[Sample]]:
         """Split the prompts evenly over the servers, one request each, in parallel."""
@@ -162,14 +202,27 @@ class RolloutWorkers:
         """A server failed: restart the dead ones, then re-sync the current weights (all ranks)."""
         self._restart_dead(error)
         if module is not None:  # None: serving the directory's own weights (evaluation)
-            self.sync(module)
+            self.sync(module, self.weight_version)  # the same weights again, under the same name
 
     def _restart_dead(self, error: str) -> None:
+        """Rank 0 restarts the dead servers and drops the weight-update group on every live
+        one (the next sync forms it anew); a restart that fails raises on every rank."""
+        failed = None
         if self.rank == 0:
             log.warning("rollout failed (%s); restarting the server and re-syncing weights", error)
-            for s in self.servers:
-                if not s.alive():
-                    s.restart()
+            try:
+                for s in self.servers:
+                    if not s.alive():
+                        s.restart()
+                self.weight_sync.reconnect()
+            except RolloutError as err:
+                failed = (str(err), err.status)
             time.sleep(0.5)
+        _raise_agreed(broadcast_from_rank0(failed))
         self.restarts += 1
-        self.weight_sync.reconnect()
+
+
+def _raise_agreed(error: Optional[tuple], prefix: str = "") -> None:
+    """Raise rank 0's (message, status) on this rank, if there is one."""
+    if error is not None:
+        raise RolloutError(prefix + error[0], error[1])
