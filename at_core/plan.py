@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from at_core.config import ConfigError, load_config
+from at_rollout import placement
 from at_core.meta import build_meta_model, count_params, largest_module_params, load_model_config, shapes
 
 GIB = 2**30
@@ -370,12 +371,9 @@ def plan(cfg: DictConfig, model_config: Any, gpus: int, gpu_mem_gb: float, nodes
     """
     if gpus < 1 or nodes < 1 or gpus % nodes:
         raise ValueError(f"--gpus {gpus} must be a positive multiple of --nodes {nodes}")
-    if cfg.rollout.tp_size > gpus // nodes or (gpus // nodes) % cfg.rollout.tp_size:
-        raise ValueError(f"rollout.tp_size={cfg.rollout.tp_size} must divide the {gpus // nodes} GPUs per node")
     if not cfg.rollout.colocate:
         rollout_gpus = rollout_gpus or gpus // 2
-        if not 0 < rollout_gpus < gpus:
-            raise ValueError(f"rollout GPUs ({rollout_gpus}) must leave some of the {gpus} GPUs to training")
+    where = placement.resolve(cfg.rollout, nodes=nodes, gpus_per_node=gpus // nodes, rollout_gpus=rollout_gpus)
     hw = Hardware(gpus, gpu_mem_gb, nodes, cpu_mem_gb, rollout_gpus)
     stages = [str(stage)] if stage is not None else list(cfg.stage)
     for s in stages:
@@ -398,6 +396,9 @@ def plan(cfg: DictConfig, model_config: Any, gpus: int, gpu_mem_gb: float, nodes
         "notes": [n for p in all_stages for n in p["notes"]],
         "suggestions": suggestions,
         "sync": sync_plan(arch.tensors, cfg.rollout.sync_bucket_mb),
+        "placement": {"sync": where.sync, "engines": where.engines, "engines_per_node": where.engines_per_node,
+                      "trainer_gpus_per_node": where.trainer_gpus_per_node, "launched_gpus": list(where.launched.gpus),
+                      "describe": where.describe()},
     }
 
 
@@ -446,6 +447,7 @@ def format_table(result: Dict[str, Any], cfg: DictConfig) -> str:
     lines.append(f"weight sync: {sy['tensors']} tensors, {sy['total_mb']:.0f} MB in {sy['buckets']} buckets of "
                  f"{sy['bucket_mb']} MB; largest {sy['largest_tensor']} {sy['largest_tensor_mb']} MB"
                  + (" (sent alone, above the bucket size)" if sy["largest_exceeds_bucket"] else ""))
+    lines.append(result["placement"]["describe"])
     lines += [f"note: {n}" for n in result["notes"]]
     lines += [f"suggest: {s}" for s in result["suggestions"]]
     return "\n".join(lines)

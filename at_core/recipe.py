@@ -155,12 +155,14 @@ def gpu_deepspeed_config(cfg: DictConfig, world: int) -> Dict[str, Any]:
     return conf
 
 
-def sglang_commands(cfg: DictConfig, engines_total: int, nodes: int) -> Dict[str, Any]:
+def sglang_commands(cfg: DictConfig, engines_total: int, nodes: int, where: Any = None) -> Dict[str, Any]:
     """What serves rollouts: the configured URLs, or the command the trainer runs, plus one node's engines.
 
     The trainer itself launches a single engine (rank 0's node); the plan counts one engine per
     `tp_size` GPUs everywhere. Those are started by hand (one server per engine, so the weight
-    sync's group is 1 + tp_size x servers) and passed as `rollout.urls`.
+    sync's group is 1 + tp_size x servers) and passed as `rollout.urls`. `where` (an
+    `at_rollout.placement.Placement`) puts each engine on its GPUs; by default engine e of a
+    node takes GPUs e*tp .. e*tp+tp-1.
     """
     from at_rollout.sglang import check_rollout_config, sglang_command
 
@@ -174,12 +176,13 @@ def sglang_commands(cfg: DictConfig, engines_total: int, nodes: int) -> Dict[str
     if ro.backend == "sglang":
         check_rollout_config(ro)
         out["trainer_launch"] = sglang_command(ro, cfg.model.path, ro.port or SGLANG_BASE_PORT, seed=cfg.seed,
-                                               dtype=dtype)
+                                               dtype=dtype, base_gpu_id=where.launched.gpus[0] if where else None)
     per_node = max(1, engines_total // nodes)
     remote = OmegaConf.merge(ro, {"host": "0.0.0.0", "api_key": ro.api_key or "$SGLANG_API_KEY"})
     for e in range(per_node):
-        gpus = ",".join(str(g) for g in range(e * ro.tp_size, (e + 1) * ro.tp_size))
-        cmd = sglang_command(remote, cfg.model.path, SGLANG_BASE_PORT + e, seed=cfg.seed, dtype=dtype, python="python")
+        gpus = ",".join(str(g) for g in (where.engine(e).gpus if where else range(e * ro.tp_size, (e + 1) * ro.tp_size)))
+        cmd = sglang_command(remote, cfg.model.path, SGLANG_BASE_PORT + e, seed=cfg.seed, dtype=dtype, python="python",
+                             base_gpu_id=0)  # GPU 0 of those CUDA_VISIBLE_DEVICES shows
         out["per_node"].append(f"CUDA_VISIBLE_DEVICES={gpus} " + shlex.join(cmd).replace("'$SGLANG_API_KEY'",
                                                                                            "$SGLANG_API_KEY"))
     urls = [f"http://node{n}:{SGLANG_BASE_PORT + e}" for n in range(nodes) for e in range(per_node)]
@@ -190,6 +193,7 @@ def sglang_commands(cfg: DictConfig, engines_total: int, nodes: int) -> Dict[str
 def dry_run(cfg: DictConfig, config_yaml: Path, *, as_json: bool = False) -> int:
     """Meta-device model, per-stage plan on `cfg.cluster`, DeepSpeed config, SGLang commands; 0 when it fits."""
     from at_core.plan import Arch, Hardware, format_table, plan
+    from at_rollout.placement import resolve
 
     t0 = time.perf_counter()
     try:
@@ -202,7 +206,9 @@ def dry_run(cfg: DictConfig, config_yaml: Path, *, as_json: bool = False) -> int
         worst = max(plans.values(), key=lambda p: p["per_gpu_gb"]["total"])
         world = worst["train_gpus"]
         ds_conf = gpu_deepspeed_config(cfg, world)
-        sglang = sglang_commands(cfg, worst["engines"], hw.nodes)
+        where = resolve(cfg.rollout, nodes=hw.nodes, gpus_per_node=hw.per_node,
+                        rollout_gpus=None if cfg.rollout.colocate else worst["rollout_gpus"])
+        sglang = sglang_commands(cfg, worst["engines"], hw.nodes, where)
     except FileNotFoundError as err:
         print(f"error: {err} (pass --model-path DIR, or the config json itself)", file=sys.stderr)
         return 2
@@ -226,6 +232,7 @@ def dry_run(cfg: DictConfig, config_yaml: Path, *, as_json: bool = False) -> int
                                                "tokens_per_step_est", "notes", "suggestions")}
                          for s, p in plans.items()},
               "deepspeed_config": ds_conf, "dist_backend": "nccl", "sglang": sglang, "launch": launch,
+              "placement": worst["placement"],
               "seconds": round(time.perf_counter() - t0, 2)}
     if as_json:
         print(json.dumps(result, indent=2))
@@ -255,8 +262,10 @@ def _format_dry_run(cfg: DictConfig, r: Dict[str, Any], worst_table: str) -> str
               json.dumps(r["deepspeed_config"], indent=2), ""]
     sg = r["sglang"]
     if sg["urls"]:
+        sync = ("weights by CUDA IPC from the trainer ranks on their GPUs" if r["placement"]["sync"] == "cuda_ipc"
+                else f"weight-sync group of {sg['weight_sync_world']} ranks")
         lines.append(f"rollout: {len(sg['urls'])} external server(s) {', '.join(sg['urls'])} (tp {sg['tp_size']} each; "
-                     f"weight-sync group of {sg['weight_sync_world']} ranks); the plan assumes "
+                     f"{sync}); the plan assumes "
                      f"{sg['engines_planned']} engines")
     else:
         if sg["trainer_launch"]:

@@ -9,8 +9,8 @@ Flags and request fields follow SGLang 0.5.x (`python/sglang/srt/server_args.py`
 SGLang is never a dependency of the CPU install: this module only builds the command and
 runs it; the client and weight sync are the same code that talks to our own server.
 
-Weight sync with SGLang uses the distributed method: its `/update_weights_from_tensor`
-expects pickled CUDA IPC handles (same host only), which this project never produces.
+Weight sync with SGLang (`placement.py`): colocated, CUDA IPC handles through
+`/update_weights_from_tensor` (`cuda_ipc.py`); on GPUs of its own, the distributed method.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from .process import ManagedServer
+from .placement import check_sync, launch_base_gpu
 from .weight_sync import WeightSync
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -30,10 +31,7 @@ def _get(cfg: Any, key: str, default=None):
 
 def check_rollout_config(rollout: Any) -> None:
     """What SGLang cannot do with this config, as errors naming the config key."""
-    if _get(rollout, "sync_method", "tensor") != "distributed":
-        raise ValueError("rollout.sync_method must be 'distributed' with rollout.backend=sglang: SGLang's "
-                         "/update_weights_from_tensor takes pickled CUDA IPC handles, which this project never "
-                         f"sends (got {_get(rollout, 'sync_method')!r})")
+    check_sync({**{k: _get(rollout, k) for k in ("sync_method", "colocate", "tp_size")}, "backend": "sglang"})
     if _get(rollout, "tp_size", 1) < 1:
         raise ValueError(f"rollout.tp_size must be >= 1, got {_get(rollout, 'tp_size')}")
     if not 0 < float(_get(rollout, "mem_fraction", 0.6)) < 1:
@@ -45,8 +43,10 @@ def check_rollout_config(rollout: Any) -> None:
 
 
 def sglang_command(rollout: Any, model_path: str | Path, port: int, *, seed: int = 0, dtype: str = "bfloat16",
-                   dp_size: int = 1, python: str = sys.executable, extra_args: Sequence[str] = ()) -> list[str]:
-    """The `sglang.launch_server` command line for the `rollout` config section."""
+                   dp_size: int = 1, python: str = sys.executable, extra_args: Sequence[str] = (),
+                   base_gpu_id: Optional[int] = None) -> list[str]:
+    """The `sglang.launch_server` command line for the `rollout` config section; the engine's
+    first GPU is `base_gpu_id`, else `placement.launch_base_gpu` (explicit, never SGLang's default)."""
     cmd = [python, "-m", "sglang.launch_server",
            "--model-path", str(model_path),
            "--tp-size", str(int(_get(rollout, "tp_size", 1))),
@@ -55,7 +55,8 @@ def sglang_command(rollout: Any, model_path: str | Path, port: int, *, seed: int
            "--port", str(int(port)),
            "--random-seed", str(int(seed)),
            "--dtype", dtype,
-           "--skip-server-warmup"]
+           "--skip-server-warmup",
+           "--base-gpu-id", str(launch_base_gpu(rollout) if base_gpu_id is None else int(base_gpu_id))]
     if dp_size > 1:
         cmd += ["--dp-size", str(int(dp_size))]
     if _get(rollout, "colocate", False):

@@ -106,16 +106,21 @@ def test_dry_run_plans_every_stage_and_renders_the_gpu_launch(name, tmp_path):
 @needs_models
 @pytest.mark.timeout(180)
 def test_dry_run_on_a_cluster_too_small_fails_with_advice_and_external_servers(capsys):
-    overrides = ["cluster.nodes=1", "cluster.gpu_mem_gb=40", "deepspeed.offload_optimizer=false",
+    overrides = ["cluster.nodes=2", "cluster.gpu_mem_gb=40", "deepspeed.offload_optimizer=false",
                  "rollout.urls=[http://h1:30000,http://h2:30000]", "rollout.api_key=k"]
     rc = main(ROOT / "examples/configs/r1_32b.yaml",
               ["--dry-run", "--model-path", str(MODELS / "r1-distill-qwen-32b.json"), *overrides])
     out = capsys.readouterr().out
     assert rc == 1, out
-    assert "1 node(s) x 8 GPUs x 40 GB = 8 GPUs" in out and "DOES NOT FIT" in out and "suggest: " in out
+    assert "2 node(s) x 8 GPUs x 40 GB = 16 GPUs" in out and "DOES NOT FIT" in out and "suggest: " in out
     tp = _recipe("r1_32b").rollout.tp_size
-    assert f"2 external server(s) http://h1:30000, http://h2:30000 (tp {tp} each; weight-sync group of {1 + 2 * tp}" \
-        in out
+    assert f"2 external server(s) http://h1:30000, http://h2:30000 (tp {tp} each; weights by CUDA IPC" in out
+    # the same two engines of tp 8 on one node of 8 GPUs cannot be placed: an error naming the keys
+    overrides[0] = "cluster.nodes=1"
+    assert main(ROOT / "examples/configs/r1_32b.yaml",
+                ["--dry-run", "--model-path", str(MODELS / "r1-distill-qwen-32b.json"), *overrides]) == 2
+    err = capsys.readouterr().err
+    assert "rollout.urls lists 2 engines of rollout.tp_size=8, 16 GPUs" in err and "cluster.gpus_per_node" in err
 
 
 @pytest.mark.timeout(60)
