@@ -33,7 +33,7 @@ from at_core.config import load_config  # noqa: E402
 from at_core.plan import GIB, SGLANG_RELEASED_GIB, TRAINER_RUNTIME_GIB, Arch, plan  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL = Path("/work/shared/models/r1-distill-qwen-1.5b.json")
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "examples" / "configs" / "models" / "r1-distill-qwen-1.5b.json"
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
 
 

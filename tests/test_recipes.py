@@ -19,9 +19,8 @@ from at_core.recipe import main
 from at_core.recorder import read_metrics
 from helpers import ROOT, torchrun
 
-MODELS = Path("/work/shared/models")
+MODELS = Path(__file__).resolve().parents[1] / "examples" / "configs" / "models"
 RECIPES = {"r1_1p5b": "1.5b", "r1_7b": "7b", "r1_32b": "32b"}
-needs_models = pytest.mark.skipif(not MODELS.is_dir(), reason="architecture configs in /work/shared/models")
 
 
 def _script(name: str, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -61,7 +60,6 @@ def _config_dir(tmp_path: Path, size: str) -> Path:
     return d
 
 
-@needs_models
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_dry_run_plans_every_stage_and_renders_the_gpu_launch(name, tmp_path):
@@ -103,7 +101,6 @@ def test_dry_run_plans_every_stage_and_renders_the_gpu_launch(name, tmp_path):
     assert f"--nnodes {hw.nodes} --nproc_per_node {hw.per_node}" in r["launch"]["torchrun"]
 
 
-@needs_models
 @pytest.mark.timeout(180)
 def test_dry_run_on_a_cluster_too_small_fails_with_advice_and_external_servers(capsys):
     overrides = ["cluster.nodes=2", "cluster.gpu_mem_gb=40", "deepspeed.offload_optimizer=false",
@@ -133,7 +130,6 @@ def test_dry_run_errors_name_the_missing_model(tmp_path, capsys):
     assert "--model-path" in capsys.readouterr().err
 
 
-@needs_models
 @pytest.mark.timeout(600)
 def test_two_rank_rehearsal_runs_all_three_stages_with_the_recipes_shaping(tmp_path):
     name, out = "r1_32b", tmp_path / "rehearsal"
@@ -161,7 +157,6 @@ def test_two_rank_rehearsal_runs_all_three_stages_with_the_recipes_shaping(tmp_p
     assert small["vocab_size"] == len(AutoTokenizer.from_pretrained(out / "rehearsal_model"))
 
 
-@needs_models
 @pytest.mark.timeout(120)
 def test_gpu_step_benchmark_prints_the_prediction_and_refuses_cpu():
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
