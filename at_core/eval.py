@@ -5,28 +5,38 @@ tokens); works with any HF model directory and any rollout backend (the project'
 or SGLang), on the shipped benchmarks or the user's own JSON/JSONL/parquet files.
 
     python -m at_core.eval --model DIR --benchmarks math500,aime24 --samples 16 --style ellipsis
+    python -m at_core.eval --model DIR --benchmarks math500 --group-by difficulty --resume
+
+Every graded sample goes to <out>/generations.jsonl as it is graded (prompt, response,
+tokens, mode, extracted answer, correct, the data row's other fields); `--resume` continues
+an interrupted run from it. `--group-by FIELD` adds a table and a think-rate plot per value
+of a data-row field (MATH500's `difficulty` is the MATH level 1-5).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
-import math
+import queue
+import signal
 import sys
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 from tqdm import tqdm
 
 from at_core.data import Problem
+from at_core.eval_report import (  # noqa: F401 - the report helpers are part of this module's API
+    TIER_ORDER, group_results, mean_of, pass_at_k, plot_tradeoff, problem_metrics, results_markdown, write_results)
 from at_core.prompts import PROMPT_STYLES, render_prompt
 from at_reward.autothink import detect_mode
 
 Generate = Callable[[List[List[int]], Dict[str, Any]], List[List[Any]]]  # prompts -> samples per prompt
 # What the forced no-think prompt already wrote after `<think>\n`: graded as part of the answer.
-TIER_ORDER = ("easy", "medium", "hard")
 STYLE_PREFIX = {"standard": "", "ellipsis": "", "no_think": "</think>\n\n"}
 
 
@@ -38,61 +48,69 @@ class EvalSettings:
     top_p: float = 0.95
     max_new_tokens: int = 32768
     seed: int = 0
-    batch_prompts: int = 256  # prompts per generation request (progress granularity)
+    batch_prompts: int = 256  # prompts per generation request: progress and resume granularity
 
 
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples with c correct (Chen et al.)."""
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+def _chunks(n: int, s: EvalSettings) -> List[range]:
+    return [range(start, min(start + s.batch_prompts, n)) for start in range(0, n, s.batch_prompts)]
+
+
+def generate_chunks(generate: Generate, tokenizer, problems: Sequence[Problem], s: EvalSettings,
+                    skip: Set[int] = frozenset(), desc: str = "eval", show: bool = True
+                    ) -> Iterator[Tuple[range, List[List[Any]]]]:
+    """(problem positions, samples per problem) for each request of `batch_prompts` problems.
+    Chunk b is always seeded `seed * 1_000_003 + b`, so a chunk in `skip` (done before an
+    interruption) can be left out without changing any other chunk's samples."""
+    params = {"max_new_tokens": s.max_new_tokens, "temperature": s.temperature, "top_p": s.top_p, "n": s.samples}
+    chunks = _chunks(len(problems), s)
+    with tqdm(total=len(problems), desc=desc, disable=not show, dynamic_ncols=True, leave=False) as bar:
+        bar.update(sum(len(c) for b, c in enumerate(chunks) if b in skip))
+        for b, idx in enumerate(chunks):
+            if b in skip:
+                continue
+            ids = [tokenizer(render_prompt(tokenizer, problems[i].problem, s.style), add_special_tokens=False)
+                   ["input_ids"] for i in idx]
+            yield idx, generate(ids, {**params, "sampling_seed": s.seed * 1_000_003 + b})
+            bar.update(len(idx))
 
 
 def generate_samples(generate: Generate, tokenizer, problems: Sequence[Problem], s: EvalSettings,
                      desc: str = "eval", show: bool = True) -> List[List[Any]]:
-    prompt_ids = [tokenizer(render_prompt(tokenizer, p.problem, s.style), add_special_tokens=False)["input_ids"]
-                  for p in problems]
-    params = {"max_new_tokens": s.max_new_tokens, "temperature": s.temperature, "top_p": s.top_p, "n": s.samples}
     out: List[List[Any]] = []
-    with tqdm(total=len(problems), desc=desc, disable=not show, dynamic_ncols=True, leave=False) as bar:
-        for b, start in enumerate(range(0, len(prompt_ids), s.batch_prompts)):
-            chunk = prompt_ids[start : start + s.batch_prompts]
-            out += generate(chunk, {**params, "sampling_seed": s.seed * 1_000_003 + b})
-            bar.update(len(chunk))
+    for _, samples in generate_chunks(generate, tokenizer, problems, s, desc=desc, show=show):
+        out += samples
     return out
 
 
-def summarize(problems: Sequence[Problem], samples: Sequence[Sequence[Any]], tokenizer, reward, style: str,
-              group_by: str = "tier") -> Dict[str, Any]:
-    """Grade every sample; report overall and per group (difficulty tier or benchmark source)."""
+def grade_samples(problems: Sequence[Problem], samples: Sequence[Sequence[Any]], tokenizer, reward,
+                  style: str) -> List[List[Dict[str, Any]]]:
+    """Per problem, per sample: response text, tokens, finish reason, mode, extracted answer, correct."""
     texts, golds = [], []
     for p, group in zip(problems, samples):
         for smp in group:
-            texts.append(STYLE_PREFIX[style] + tokenizer.decode(smp.output_ids, skip_special_tokens=True))
+            texts.append(tokenizer.decode(smp.output_ids, skip_special_tokens=True))
             golds.append(p.answer)
-    grades = reward.grade_batch(texts, golds)
-    per_problem, k = [], 0
-    for p, group in zip(problems, samples):
-        n = len(group)
-        correct = [bool(g.correct and g.format_ok) for g in grades[k : k + n]]
-        think = [detect_mode(t) == "think" for t in texts[k : k + n]]
-        tokens = [len(smp.output_ids) for smp in group]
-        k += n
-        per_problem.append({
-            "group": (p.tier if group_by == "tier" else Path(p.source).stem) or "all",
-            "accuracy": sum(correct) / max(n, 1),
-            "pass_at_k": pass_at_k(n, sum(correct), n) if n else 0.0,
-            "mean_tokens": sum(tokens) / max(n, 1),
-            "think_rate": sum(think) / max(n, 1),
-        })
+    grades = reward.grade_batch([STYLE_PREFIX[style] + t for t in texts], golds)
+    out, k = [], 0
+    for group in samples:
+        out.append([{"sample": j, "response": texts[k + j], "tokens": len(smp.output_ids),
+                     "finish_reason": getattr(smp, "finish_reason", None),
+                     "mode": detect_mode(STYLE_PREFIX[style] + texts[k + j]), "answer": grades[k + j].answer,
+                     "correct": bool(grades[k + j].correct and grades[k + j].format_ok)}
+                    for j, smp in enumerate(group)])
+        k += len(group)
+    return out
 
-    def mean_of(rows: List[dict]) -> Dict[str, float]:
-        keys = ("accuracy", "pass_at_k", "mean_tokens", "think_rate")
-        return {key: sum(r[key] for r in rows) / max(len(rows), 1) for key in keys} | {"problems": len(rows)}
 
+def summarize_graded(problems: Sequence[Problem], graded: Sequence[Sequence[Dict[str, Any]]],
+                     group_by: str = "tier") -> Dict[str, Any]:
+    """Overall and per group (difficulty tier, or benchmark source) from graded samples."""
     groups = defaultdict(list)
-    for r in per_problem:
-        groups[r["group"]].append(r)
+    per_problem = []
+    for p, samples in zip(problems, graded):
+        m = problem_metrics(samples)
+        per_problem.append(m)
+        groups[(p.tier if group_by == "tier" else Path(p.source).stem) or "all"].append(m)
     result = mean_of(per_problem)
     order = sorted(groups, key=lambda g: (TIER_ORDER.index(g) if g in TIER_ORDER else len(TIER_ORDER), g))
     result["tiers" if group_by == "tier" else "benchmarks"] = {g: mean_of(groups[g]) for g in order}
@@ -102,85 +120,89 @@ def summarize(problems: Sequence[Problem], samples: Sequence[Sequence[Any]], tok
     return result
 
 
-# ---------------------------------------------------------------- reports
-
-
-def results_markdown(rows: List[Dict[str, Any]], group_key: str = "tiers", baseline: str = "base/standard",
-                     target: Optional[str] = "stage3") -> str:
-    """A Table-1-shaped table: accuracy and tokens per group and overall, one row per model/prompt."""
-    groups = sorted({g for r in rows for g in r.get(group_key, {})},
-                    key=lambda g: (TIER_ORDER.index(g) if g in TIER_ORDER else len(TIER_ORDER), g))
-    head = ["model / prompt"] + [f"{g} acc / tok" for g in groups] + ["overall acc", "tokens", "think rate"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [r["name"]]
-        for g in groups:
-            v = r.get(group_key, {}).get(g)
-            cells.append(f"{100 * v['accuracy']:.1f} / {v['mean_tokens']:.0f}" if v else "-")
-        cells += [f"{100 * r['accuracy']:.1f}", f"{r['mean_tokens']:.1f}", f"{r['think_rate']:.2f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    by_name = {r["name"]: r for r in rows}
-    if baseline in by_name and target in by_name:
-        b, t = by_name[baseline], by_name[target]
-        rel = (t["accuracy"] - b["accuracy"]) / max(b["accuracy"], 1e-9) * 100
-        cut = (1 - t["mean_tokens"] / max(b["mean_tokens"], 1e-9)) * 100
-        lines += ["", f"{target} vs {baseline}: accuracy {rel:+.1f}% relative, tokens {-cut:+.1f}% "
-                      f"({cut:.1f}% fewer). The paper (R1-Distill-Qwen-1.5B, stage 3 vs Standard): +6.4% / -52%."]
-    return "\n".join(lines) + "\n"
-
-
-def plot_tradeoff(rows: List[Dict[str, Any]], path: str | Path, title: str = "accuracy vs response tokens") -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for r in rows:
-        ax.scatter(r["mean_tokens"], 100 * r["accuracy"], s=60)
-        ax.annotate(r["name"], (r["mean_tokens"], 100 * r["accuracy"]), textcoords="offset points", xytext=(6, 4),
-                    fontsize=9)
-    ax.set_xlabel("mean response tokens")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
-
-
-def write_results(out_dir: str | Path, rows: List[Dict[str, Any]], group_key: str = "tiers",
-                  extra: Optional[Dict[str, Any]] = None, target: Optional[str] = "stage3") -> None:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"rows": rows, **(extra or {})}, indent=2))
-    (out / "results.md").write_text(results_markdown(rows, group_key, target=target))
-    plot_tradeoff(rows, out / "tradeoff.png")
+def summarize(problems: Sequence[Problem], samples: Sequence[Sequence[Any]], tokenizer, reward, style: str,
+              group_by: str = "tier") -> Dict[str, Any]:
+    """Grade every sample; report overall and per group (difficulty tier or benchmark source)."""
+    return summarize_graded(problems, grade_samples(problems, samples, tokenizer, reward, style), group_by)
 
 
 # ---------------------------------------------------------------- CLI
 
 
-def _problems(args) -> List[Problem]:
-    from at_core.data import load_benchmark, load_problems
+def _problems(args) -> List[Tuple[str, Problem]]:
+    """(source label, problem): a shipped benchmark's name, or the file as given."""
+    from at_core.data import DataError, load_benchmark, load_problems
 
-    problems: List[Problem] = []
-    for name in filter(None, (args.benchmarks or "").split(",")):
-        problems += load_benchmark(name.strip())
+    problems: List[Tuple[str, Problem]] = []
+    for name in filter(None, (n.strip() for n in (args.benchmarks or "").split(","))):
+        problems += [(name, p) for p in load_benchmark(name)]
     for f in args.files or []:
-        problems += load_problems(f, args.problem_key, args.answer_key, args.answer_extract)
+        problems += [(f, p) for p in load_problems(f, args.problem_key, args.answer_key, args.answer_extract)]
     if args.limit:
-        by_source = defaultdict(list)
-        for p in problems:
-            by_source[p.source].append(p)
-        problems = [p for rows in by_source.values() for p in rows[: args.limit]]
+        seen: Dict[str, int] = defaultdict(int)
+        kept = []
+        for label, p in problems:
+            seen[label] += 1
+            if seen[label] <= args.limit:
+                kept.append((label, p))
+        problems = kept
     if not problems:
-        raise SystemExit("error: no problems: give --benchmarks and/or --files")
+        raise DataError("no problems: give --benchmarks and/or --files")
     return problems
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def _row_fields(labelled: Sequence[Tuple[str, Problem]], args) -> List[Dict[str, Any]]:
+    """Each problem's data row minus the problem and answer fields (difficulty, unique_id, ...)."""
+    from at_core.data import BENCHMARKS, read_rows
+
+    rows_of: Dict[str, list] = {}
+    out = []
+    for label, p in labelled:
+        if p.source not in rows_of:
+            rows_of[p.source] = read_rows(p.source)
+        spec = BENCHMARKS.get(label)
+        drop = {spec.problem_key, spec.answer_key} if spec else {args.problem_key, args.answer_key}
+        row = rows_of[p.source][p.index]
+        out.append({k: v for k, v in row.items() if k not in drop})
+    return out
+
+
+def eval_settings_record(args, labelled: Sequence[Tuple[str, Problem]]) -> Dict[str, Any]:
+    """What decides the samples: a resumed run must match these exactly."""
+    digest = hashlib.sha256(json.dumps([[label, p.index, p.problem, p.answer] for label, p in labelled],
+                                       default=str).encode()).hexdigest()
+    return {"model": str(Path(args.model).resolve()), "style": args.style, "samples": args.samples,
+            "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
+            "seed": args.seed, "batch_prompts": args.batch_prompts, "backend": args.backend,
+            "benchmarks": args.benchmarks, "files": [str(Path(f).resolve()) for f in args.files or []],
+            "problem_key": args.problem_key, "answer_key": args.answer_key, "answer_extract": args.answer_extract,
+            "limit": args.limit, "problems": len(labelled), "problems_sha256": digest}
+
+
+def _prefetched(it: Iterator, depth: int = 1) -> Iterator:
+    """Run a generator one item ahead in a thread: the next request generates while this one is graded."""
+    q: "queue.Queue" = queue.Queue(maxsize=depth)
+    end = object()
+
+    def work():
+        try:
+            for x in it:
+                q.put((x, None))
+            q.put((end, None))
+        except BaseException as err:  # noqa: BLE001 - re-raised in the consumer
+            q.put((end, err))
+
+    threading.Thread(target=work, name="eval-generate", daemon=True).start()
+    while True:
+        x, err = q.get()
+        if err is not None:
+            raise err
+        if x is end:
+            return
+        yield x
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="at_core.eval", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="HF model directory (tokenizer and, unless --url, weights)")
@@ -196,6 +218,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=32768)
     ap.add_argument("--limit", type=int, default=0, help="at most this many problems per file (0: all)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-prompts", type=int, default=32,
+                    help="problems per generation request; a resumed run redoes at most one such request")
+    ap.add_argument("--group-by", default="", help="comma-separated data-row fields to report by, e.g. difficulty")
+    ap.add_argument("--resume", action="store_true", help="continue <out>/generations.jsonl (same settings only)")
+    ap.add_argument("--overwrite", action="store_true", help="start over, replacing <out>/generations.jsonl")
     ap.add_argument("--backend", default="server", choices=("server", "sglang"),
                     help="which server to launch when no --url is given")
     ap.add_argument("--url", action="append", default=[], help="already-running server(s) to use instead")
@@ -204,15 +231,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="grading processes")
     ap.add_argument("--out", default="runs/eval")
     ap.add_argument("--name", default=None, help="row name in the results (default: model dir name + style)")
-    args = ap.parse_args(argv)
+    return ap
 
+
+def _generate_missing(args, labelled, rows, log, settings: EvalSettings) -> None:
+    """Generate and grade every request with a (problem, sample) pair not yet in the log."""
     from transformers import AutoTokenizer
 
     from at_core.config import load_config
     from at_core.rollout import RolloutWorkers
     from at_reward.registry import build_reward
 
-    problems = _problems(args)
+    problems = [p for _, p in labelled]
+    skip = {b for b, idx in enumerate(_chunks(len(problems), settings))
+            if all((labelled[i][0], labelled[i][1].index, j) in log.done for i in idx for j in range(args.samples))}
+    if len(skip) == len(_chunks(len(problems), settings)):
+        return
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     overrides = [f"rollout.backend={args.backend}", f"rollout.tp_size={args.tp_size}", f"reward.workers={args.workers}"]
     if args.url:
@@ -220,22 +254,88 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.api_key:
         overrides.append(f"rollout.api_key={args.api_key}")
     cfg = load_config(overrides=overrides)
-    settings = EvalSettings(args.style, args.samples, args.temperature, args.top_p, args.max_new_tokens, args.seed)
     workers = RolloutWorkers(cfg.rollout, args.model, args.out, rank=0, seed=args.seed)
-    t0 = time.perf_counter()
-    Path(args.out).mkdir(parents=True, exist_ok=True)
     with build_reward(cfg.reward) as reward:
         try:
             workers.start()
-            samples = generate_samples(lambda ids, p: workers.generate(ids, p, None), tokenizer, problems, settings)
+            chunks = generate_chunks(lambda ids, p: workers.generate(ids, p, None), tokenizer, problems, settings,
+                                     skip=skip, desc="eval")
+            for idx, samples in _prefetched(chunks):
+                graded = grade_samples([problems[i] for i in idx], samples, tokenizer, reward, args.style)
+                log.append({"source": labelled[i][0], "problem_index": labelled[i][1].index, "sample": s["sample"],
+                            "prompt": render_prompt(tokenizer, labelled[i][1].problem, args.style), **s,
+                            "gold": labelled[i][1].answer, "row": rows[i]}
+                           for i, group in zip(idx, graded) for s in group)
         finally:
             workers.close()
-        row = summarize(problems, samples, tokenizer, reward, args.style, group_by="source")
-    row["name"] = args.name or f"{Path(args.model).name}/{args.style}"
-    write_results(args.out, [row], group_key="benchmarks", target=None,
-                  extra={"wall_seconds": time.perf_counter() - t0, "settings": vars(args)})
-    print((Path(args.out) / "results.md").read_text())
+
+
+def _interrupted(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from at_core.config import ConfigError
+    from at_core.data import DataError
+    from at_core.generations import GenerationsLog, ResumeError
+    from at_core.prompts import ChatTemplateError
+    from at_core.train import require_model_dir
+
+    try:
+        require_model_dir(args.model, "--model")
+        labelled = _problems(args)
+        rows = _row_fields(labelled, args)
+        fields = [f.strip() for f in args.group_by.split(",") if f.strip()]
+        for f in fields:
+            if not any(f in r for r in rows):
+                known = sorted({k for r in rows for k in r})
+                raise DataError(f"--group-by {f}: no problem's row has that field "
+                                f"(fields: {', '.join(known) or 'none besides the problem and answer'})")
+        if args.samples < 1 or args.batch_prompts < 1:
+            raise ConfigError("--samples and --batch-prompts must be at least 1")
+        settings_rec = eval_settings_record(args, labelled)
+        log = GenerationsLog(args.out, settings_rec, resume=args.resume, overwrite=args.overwrite)
+    except (ConfigError, DataError, ResumeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    settings = EvalSettings(args.style, args.samples, args.temperature, args.top_p, args.max_new_tokens, args.seed,
+                            args.batch_prompts)
+    if log.records:
+        print(f"resuming {log.path}: {len(log.records)} of {len(labelled) * args.samples} samples done", flush=True)
+    t0 = time.perf_counter()
+    previous = signal.signal(signal.SIGTERM, _interrupted)  # so the server is stopped and the log closed
+    try:
+        with log:
+            _generate_missing(args, labelled, rows, log, settings)
+    except KeyboardInterrupt:
+        print(f"interrupted: {len(log.records)} of {len(labelled) * args.samples} samples are in {log.path}; "
+              "continue with the same command and --resume", file=sys.stderr)
+        return 130
+    except ChatTemplateError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    report(args, labelled, log, fields, time.perf_counter() - t0)
     return 0
+
+
+def report(args, labelled, log, fields: Sequence[str], seconds: float) -> None:
+    """results.json / results.md / plots from the generations file, so a resumed run counts every sample."""
+    order = {(label, p.index): i for i, (label, p) in enumerate(labelled)}
+    records = log.ordered(order)
+    per_problem: Dict[Tuple[str, int], List[Dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        per_problem[(r["source"], int(r["problem_index"]))].append(r)
+    problems = [p for _, p in labelled]
+    graded = [per_problem[(label, p.index)] for label, p in labelled]
+    row = summarize_graded(problems, graded, group_by="source")
+    row["name"] = args.name or f"{Path(args.model).name}/{args.style}"
+    groups = {f: group_results(records, f) for f in fields}
+    write_results(args.out, [row], group_key="benchmarks", target=None, groups=groups, title=args.benchmarks,
+                  extra={"wall_seconds": seconds, "samples_total": len(records), "settings": vars(args)})
+    print((Path(args.out) / "results.md").read_text())
 
 
 if __name__ == "__main__":
