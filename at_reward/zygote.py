@@ -120,7 +120,10 @@ def zygote_main(ctrl_fd: int, memory_limit_mb: int, preload: Sequence[str], grad
         except Exception:  # noqa: BLE001 - the worker reports it, with the error, per request
             pass
     ctrl = socket.socket(fileno=ctrl_fd)
-    ctrl.sendall(b"R")
+    try:
+        ctrl.sendall(b"R")
+    except OSError:  # the parent is gone already (a run that ended during our warm-up): leave quietly
+        os._exit(0)
     unreaped: set[int] = set()
     while True:
         try:
@@ -140,7 +143,10 @@ def zygote_main(ctrl_fd: int, memory_limit_mb: int, preload: Sequence[str], grad
                 finally:
                     os._exit(0)
             os.close(fds[0])
-            ctrl.sendall(struct.pack("!q", pid))
+            try:
+                ctrl.sendall(struct.pack("!q", pid))
+            except OSError:  # the parent is gone
+                break
         elif msg[:1] == b"W":
             unreaped.add(struct.unpack("!q", msg[1:9])[0])
         for pid in list(unreaped):  # reap only what the parent has finished with

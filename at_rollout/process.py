@@ -3,6 +3,11 @@
 The server runs in its own process group with its output in a log file; a failed start
 raises with the tail of that log. Servers are stopped at interpreter exit, and our own
 server also exits by itself when the process that started it is gone.
+
+The child gets the launcher's environment without the launcher's own variables: under
+torchrun or the DeepSpeed launcher those (RANK, WORLD_SIZE, MASTER_ADDR/PORT,
+TORCHELASTIC_USE_AGENT_STORE, ...) would change how SGLang's own process groups rendezvous.
+Readiness is /health_generate (a generated token), not /health.
 """
 from __future__ import annotations
 
@@ -22,6 +27,24 @@ from .client import RolloutClient, RolloutError
 from .dist_group import free_port
 
 _LIVE: "weakref.WeakSet[ManagedServer]" = weakref.WeakSet()
+
+# Set by torchrun / torchelastic, the DeepSpeed launcher and this project: never the child's.
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                 "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK",
+                 "CROSS_SIZE", "LOCAL_SIZE", "NODE_RANK", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "DS_ACCELERATOR")
+LAUNCHER_PREFIXES = ("TORCHELASTIC_", "TORCH_ELASTIC_", "DEEPSPEED_", "DS_", "PDSH_", "AT_")
+
+
+def child_env(base: Optional[dict] = None, keep: Sequence[str] = ()) -> dict:
+    """`base` (default: this process's environment) without the launcher's variables; names
+    in `keep` stay."""
+    env = dict(os.environ if base is None else base)
+    for name in list(env):
+        if name in keep:
+            continue
+        if name in LAUNCHER_VARS or name.startswith(LAUNCHER_PREFIXES):
+            del env[name]
+    return env
 
 
 def _stop_all():
@@ -67,6 +90,10 @@ class ManagedServer:
     def _after_spawn(self, deadline: float):
         """Hook between spawning and the health wait (our server reports its port here)."""
 
+    def child_env(self) -> dict:
+        """The server process's environment: `env` (default ours) less the launcher's variables."""
+        return child_env(self.env)
+
     # common
     @property
     def url(self) -> str:
@@ -88,9 +115,7 @@ class ManagedServer:
             self.log_file = Path(path)
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         self._resolve_port()
-        env = dict(os.environ if self.env is None else self.env)
-        if self.api_key:
-            env["AT_ROLLOUT_API_KEY"] = self.api_key  # not on the command line, where `ps` shows it
+        env = self.child_env()
         with open(self.log_file, "ab") as log:
             self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
                                          start_new_session=True, stdin=subprocess.DEVNULL)
@@ -156,6 +181,12 @@ class LocalServer(ManagedServer):
         # Port 0: the server binds a free port itself and writes it to a file (no race). A restart
         # asks for the same port again so the trainer's URL stays valid.
         self._port_file = Path(tempfile.mkdtemp(prefix="at_rollout_port_")) / "port"
+
+    def child_env(self) -> dict:
+        env = super().child_env()
+        if self.api_key:
+            env["AT_ROLLOUT_API_KEY"] = self.api_key  # not on the command line, where `ps` shows it
+        return env
 
     def command(self) -> list[str]:
         cmd = [self.python, "-m", "at_rollout.server", "--model-path", self.model_path, "--host", self.host,
