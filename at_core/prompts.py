@@ -1,4 +1,4 @@
-"""Prompt rendering for the three AutoThink prompt styles (AUTOTHINK.md section 1).
+"""Prompt rendering for the three AutoThink prompt styles (docs/method.md, "Prompts").
 
 The model's own chat template renders the user turn; the style then decides what follows
 the template's `<think>\\n`: nothing (standard), an ellipsis the model may close at once

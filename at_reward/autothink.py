@@ -1,4 +1,4 @@
-"""AutoThink reward shaping (AUTOTHINK.md section 3), as the reference code computes it.
+"""AutoThink reward shaping (docs/method.md, "Rewards"), as the reference code computes it.
 
 The per-response part: `detect_mode`, `base_reward`, `degeneration_penalty`. The batch
 part, `shape_rewards`: `length_shaping` inside each prompt's group, then `batch_balance`
@@ -21,7 +21,7 @@ DEGENERATE_REWARD = -2.0
 def detect_mode(response: str) -> str:
     """"no_think" when the generated text starts with `</think>` (the model closed the
     ellipsis prompt's think block at once), else "think". No leading whitespace is allowed:
-    AUTOTHINK.md's rule. (The reference code also wants "\\n\\n" after the tag.)"""
+    our rule (`reward.rules=project`); the reference's reading is `at_reward.rules.ReferenceRules`."""
     return "no_think" if response.startswith(NO_THINK_PREFIX) else "think"
 
 
@@ -58,16 +58,16 @@ def is_degenerate(text: str, *, max_ngram: int = 30, min_repeats: int = 10, max_
 
 
 def degeneration_penalty(reward: float, response: str) -> float:
-    """-2 for a degenerate response, applied only where the reward is already negative
-    (a wrong no-think answer), as in the reference code; otherwise `reward` unchanged.
-    The reference tests prompt+response; the prompt cannot repeat, so the response alone."""
+    """-2 for a degenerate text, applied only where the reward is already negative (a wrong
+    no-think answer), as in the reference code; otherwise `reward` unchanged. The reward passes
+    the text its rules read: the response alone, or prompt + response for the reference."""
     if reward < 0 and is_degenerate(response):
         return DEGENERATE_REWARD
     return reward
 
 
 def think_rate(think: Sequence[bool]) -> float:
-    """Fraction of think responses (z in AUTOTHINK.md); 0 for an empty batch."""
+    """Fraction of think responses (z in docs/method.md); 0 for an empty batch."""
     return sum(map(bool, think)) / len(think) if len(think) else 0.0
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from at_reward.autothink import detect_mode
 from at_reward.math import THINK_END, extract_answer
 
 REFERENCE_NO_THINK = "<think>\n...\n</think>\n\n"  # the ellipsis prompt closed at once
@@ -37,7 +38,7 @@ class Rules:
         return response
 
     def think(self, prompt: str, response: str) -> bool:
-        return not response.startswith(THINK_END)
+        return detect_mode(response) == "think"
 
     def answer(self, text: str) -> Optional[str]:
         """The extracted answer of `text(prompt, response)`; None is a format error."""

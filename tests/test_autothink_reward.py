@@ -1,4 +1,4 @@
-"""AutoThink reward shaping against values computed by hand (AUTOTHINK.md section 3).
+"""AutoThink reward shaping against values computed by hand (docs/method.md, "Rewards").
 
 Expected numbers are written out as arithmetic on the formulas, never produced by the
 functions under test. Notation: a = clip(slope * (share - gamma), 0, 1), interpolation
@@ -39,7 +39,7 @@ def test_detect_mode():
     assert detect_mode("</think>\n\nThe answer is \\boxed{4}.") == "no_think"
     assert detect_mode("</think>4") == "no_think"
     assert detect_mode("Okay, let me think.\n</think>\n\n\\boxed{4}") == "think"
-    assert detect_mode(" </think>\n\n4") == "think"  # no leading whitespace (AUTOTHINK.md)
+    assert detect_mode(" </think>\n\n4") == "think"  # no leading whitespace (our rule)
     assert detect_mode("\n</think>") == "think"
     assert detect_mode("") == "think"
 
