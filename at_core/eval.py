@@ -15,6 +15,7 @@ of a data-row field (MATH500's `difficulty` is the MATH level 1-5).
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import queue
@@ -25,7 +26,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from tqdm import tqdm
 
@@ -51,34 +52,28 @@ class EvalSettings:
     batch_prompts: int = 256  # prompts per generation request: progress and resume granularity
 
 
-def _chunks(n: int, s: EvalSettings) -> List[range]:
-    return [range(start, min(start + s.batch_prompts, n)) for start in range(0, n, s.batch_prompts)]
-
-
-def generate_chunks(generate: Generate, tokenizer, problems: Sequence[Problem], s: EvalSettings,
-                    skip: Set[int] = frozenset(), desc: str = "eval", show: bool = True
-                    ) -> Iterator[Tuple[range, List[List[Any]]]]:
-    """(problem positions, samples per problem) for each request of `batch_prompts` problems.
-    Chunk b is always seeded `seed * 1_000_003 + b`, so a chunk in `skip` (done before an
-    interruption) can be left out without changing any other chunk's samples."""
+def chunk_requests(tokenizer, problems: Sequence[Problem], s: EvalSettings
+                   ) -> List[Tuple[range, List[List[int]], Dict[str, Any]]]:
+    """(problem positions, prompt ids, sampling params) of each request of `batch_prompts`
+    problems. Request b is always seeded `seed * 1_000_003 + b`, so a request done before an
+    interruption can be left out without changing any other request's samples."""
     params = {"max_new_tokens": s.max_new_tokens, "temperature": s.temperature, "top_p": s.top_p, "n": s.samples}
-    chunks = _chunks(len(problems), s)
-    with tqdm(total=len(problems), desc=desc, disable=not show, dynamic_ncols=True, leave=False) as bar:
-        bar.update(sum(len(c) for b, c in enumerate(chunks) if b in skip))
-        for b, idx in enumerate(chunks):
-            if b in skip:
-                continue
-            ids = [tokenizer(render_prompt(tokenizer, problems[i].problem, s.style), add_special_tokens=False)
-                   ["input_ids"] for i in idx]
-            yield idx, generate(ids, {**params, "sampling_seed": s.seed * 1_000_003 + b})
-            bar.update(len(idx))
+    out = []
+    for b, start in enumerate(range(0, len(problems), s.batch_prompts)):
+        idx = range(start, min(start + s.batch_prompts, len(problems)))
+        ids = [tokenizer(render_prompt(tokenizer, problems[i].problem, s.style), add_special_tokens=False)
+               ["input_ids"] for i in idx]
+        out.append((idx, ids, {**params, "sampling_seed": s.seed * 1_000_003 + b}))
+    return out
 
 
 def generate_samples(generate: Generate, tokenizer, problems: Sequence[Problem], s: EvalSettings,
                      desc: str = "eval", show: bool = True) -> List[List[Any]]:
     out: List[List[Any]] = []
-    for _, samples in generate_chunks(generate, tokenizer, problems, s, desc=desc, show=show):
-        out += samples
+    with tqdm(total=len(problems), desc=desc, disable=not show, dynamic_ncols=True, leave=False) as bar:
+        for idx, ids, params in chunk_requests(tokenizer, problems, s):
+            out += generate(ids, params)
+            bar.update(len(idx))
     return out
 
 
@@ -179,27 +174,36 @@ def eval_settings_record(args, labelled: Sequence[Tuple[str, Problem]]) -> Dict[
             "limit": args.limit, "problems": len(labelled), "problems_sha256": digest}
 
 
-def _prefetched(it: Iterator, depth: int = 1) -> Iterator:
-    """Run a generator one item ahead in a thread: the next request generates while this one is graded."""
-    q: "queue.Queue" = queue.Queue(maxsize=depth)
-    end = object()
+def in_flight(calls: Sequence[Callable[[], Any]], inflight: int) -> Iterator[Any]:
+    """Run `calls` at most `inflight` at a time and yield their results as they finish (a call's
+    error is raised here). Daemon threads, so an interrupt never waits for a request to end;
+    the next call starts before a result is handed over, so generation overlaps grading."""
+    done: "queue.Queue" = queue.Queue()
+    pending = iter(calls)
+    running = 0
 
-    def work():
+    def run(call):
         try:
-            for x in it:
-                q.put((x, None))
-            q.put((end, None))
+            done.put((call(), None))
         except BaseException as err:  # noqa: BLE001 - re-raised in the consumer
-            q.put((end, err))
+            done.put((None, err))
 
-    threading.Thread(target=work, name="eval-generate", daemon=True).start()
-    while True:
-        x, err = q.get()
+    def start_next() -> None:
+        nonlocal running
+        call = next(pending, None)
+        if call is not None:
+            threading.Thread(target=run, args=(call,), name="eval-request", daemon=True).start()
+            running += 1
+
+    for _ in range(max(1, inflight)):
+        start_next()
+    while running:
+        result, err = done.get()
+        running -= 1
         if err is not None:
             raise err
-        if x is end:
-            return
-        yield x
+        start_next()
+        yield result
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-prompts", type=int, default=32,
                     help="problems per generation request; a resumed run redoes at most one such request")
+    ap.add_argument("--inflight", type=int, default=0,
+                    help="generation requests in flight (0: 1 with the project's server, which runs one batch "
+                         "at a time; 2 with SGLang, whose continuous batching fills one request's tail)")
     ap.add_argument("--group-by", default="", help="comma-separated data-row fields to report by, e.g. difficulty")
     ap.add_argument("--resume", action="store_true", help="continue <out>/generations.jsonl (same settings only)")
     ap.add_argument("--overwrite", action="store_true", help="start over, replacing <out>/generations.jsonl")
@@ -243,11 +250,11 @@ def _generate_missing(args, labelled, rows, log, settings: EvalSettings) -> None
     from at_reward.registry import build_reward
 
     problems = [p for _, p in labelled]
-    skip = {b for b, idx in enumerate(_chunks(len(problems), settings))
-            if all((labelled[i][0], labelled[i][1].index, j) in log.done for i in idx for j in range(args.samples))}
-    if len(skip) == len(_chunks(len(problems), settings)):
-        return
     tokenizer = AutoTokenizer.from_pretrained(args.model)
+    todo = [(idx, ids, params) for idx, ids, params in chunk_requests(tokenizer, problems, settings)
+            if any((labelled[i][0], labelled[i][1].index, j) not in log.done for i in idx for j in range(args.samples))]
+    if not todo:
+        return
     overrides = [f"rollout.backend={args.backend}", f"rollout.tp_size={args.tp_size}", f"reward.workers={args.workers}"]
     if args.url:
         overrides.append("rollout.urls=[" + ",".join(args.url) + "]")
@@ -255,17 +262,27 @@ def _generate_missing(args, labelled, rows, log, settings: EvalSettings) -> None
         overrides.append(f"rollout.api_key={args.api_key}")
     cfg = load_config(overrides=overrides)
     workers = RolloutWorkers(cfg.rollout, args.model, args.out, rank=0, seed=args.seed)
+    inflight = args.inflight or (2 if args.backend == "sglang" else 1)
+
+    def request(idx, ids, params):
+        return idx, workers.generate(ids, params, None)
+
+    def records(i: int, graded: List[Dict[str, Any]]) -> Iterator[Dict[str, Any]]:
+        label, p = labelled[i]
+        prompt = render_prompt(tokenizer, p.problem, args.style)
+        for s in graded:
+            yield {"source": label, "problem_index": p.index, "sample": s["sample"], "prompt": prompt, **s,
+                   "gold": p.answer, "row": rows[i]}
+
     with build_reward(cfg.reward) as reward:
         try:
             workers.start()
-            chunks = generate_chunks(lambda ids, p: workers.generate(ids, p, None), tokenizer, problems, settings,
-                                     skip=skip, desc="eval")
-            for idx, samples in _prefetched(chunks):
-                graded = grade_samples([problems[i] for i in idx], samples, tokenizer, reward, args.style)
-                log.append({"source": labelled[i][0], "problem_index": labelled[i][1].index, "sample": s["sample"],
-                            "prompt": render_prompt(tokenizer, labelled[i][1].problem, args.style), **s,
-                            "gold": labelled[i][1].answer, "row": rows[i]}
-                           for i, group in zip(idx, graded) for s in group)
+            done = len(problems) - sum(len(r[0]) for r in todo)
+            with tqdm(total=len(problems), initial=done, desc="eval", dynamic_ncols=True, leave=False) as bar:
+                for idx, samples in in_flight([functools.partial(request, *r) for r in todo], inflight):
+                    graded = grade_samples([problems[i] for i in idx], samples, tokenizer, reward, args.style)
+                    log.append(r for i, g in zip(idx, graded) for r in records(i, g))
+                    bar.update(len(idx))
         finally:
             workers.close()
 
