@@ -37,7 +37,8 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout>=2.3"],
-        "sglang": ["sglang[all]>=0.5"],
+        # The releases tests/test_sglang_contract.py checks the client against (at_rollout/sglang.py).
+        "sglang": ["sglang[all]>=0.5.15.post1,<=0.5.23"],
         "gpu": ["flash-attn>=2.6", "liger-kernel>=0.5"],
     },
     entry_points={

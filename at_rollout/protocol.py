@@ -177,7 +177,9 @@ SGLANG_REQUESTS: Dict[str, tuple] = {
 }
 SESSION_ROUTES = ("/begin_weight_update", "/end_weight_update")
 SESSION_SINCE = "0.5.21"  # the first SGLang with the session; it refuses updates outside one
-SGLANG_GETS = ("/health_generate", "/model_info", "/server_info", "/flush_cache")  # no body sent
+# route -> method, for the calls that send no body (the get_* forms: SGLang before /model_info)
+SGLANG_BODYLESS = {"/health_generate": "GET", "/model_info": "GET", "/get_model_info": "GET", "/server_info": "GET",
+                   "/get_server_info": "GET", "/flush_cache": "POST"}
 OUTPUT_READ = ("output_ids", "meta_info", "text")  # each /generate output
 META_INFO_READ = ("finish_reason", "prompt_tokens", "output_token_logprobs", "weight_version")
 FINISH_REASON_READ = ("type", "matched")

@@ -23,6 +23,10 @@ from .placement import check_sync, launch_base_gpu
 from .weight_sync import WeightSync
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+# The releases the client is checked against (tests/test_sglang_contract.py reads each one's
+# source from its wheel); setup.py's `sglang` extra pins the same range.
+SUPPORTED_VERSIONS = ("0.5.15.post1", "0.5.16", "0.5.17", "0.5.18", "0.5.19", "0.5.20", "0.5.21", "0.5.22",
+                      "0.5.23")
 
 
 def _get(cfg: Any, key: str, default=None):

@@ -14,7 +14,7 @@ import torch
 
 from at_core.config import load_config
 from at_rollout.client import RolloutClient, RolloutError
-from at_rollout.protocol import SAMPLING_FIELDS, SESSION_ROUTES, SGLANG_GETS, SGLANG_REQUESTS
+from at_rollout.protocol import SAMPLING_FIELDS, SESSION_ROUTES, SGLANG_BODYLESS, SGLANG_REQUESTS
 from at_rollout.sglang import SGLangServer, check_rollout_config, sglang_command
 from at_rollout.weight_sync import WeightSync
 
@@ -138,7 +138,7 @@ def test_client_sends_only_the_declared_fields(stand_in):
     c.resume_memory_occupation()
     for path, body, auth in log:
         assert auth == "Bearer k"
-        if path in SGLANG_GETS:
+        if path in SGLANG_BODYLESS:
             assert body == {}
             continue
         assert set(body) <= set(SGLANG_REQUESTS[path][1]), (path, set(body) - set(SGLANG_REQUESTS[path][1]))
