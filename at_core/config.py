@@ -15,6 +15,8 @@ from typing import Any, Dict, List, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from at_reward.shaping import Shaping
+
 
 class ConfigError(ValueError):
     """A user-facing configuration mistake (unknown key, wrong type, bad value)."""
@@ -61,10 +63,7 @@ class StageConfig:
     rollouts_per_prompt: int = 8
     max_response_len: int = 8192
     prompt_style: str = "ellipsis"  # standard | ellipsis | no_think
-    balance_target: Optional[float] = None  # gamma; None (or >= 1) disables batch balance
-    balance_slope: float = 2.0  # lambda
-    length_alpha: float = 0.0
-    length_beta: float = 0.0
+    shaping: Shaping = field(default_factory=Shaping)  # batch_balance and length_shaping (at_reward.shaping)
     temperature: float = 0.6
     top_p: float = 1.0
     lr: Optional[float] = None  # overrides algorithm.lr for this stage
@@ -74,10 +73,11 @@ class StageConfig:
 
 def _paper_stages() -> Dict[str, StageConfig]:
     return {
-        "1": StageConfig(steps=220, prompts_per_step=128, max_response_len=8192, balance_target=0.5),
+        "1": StageConfig(steps=220, prompts_per_step=128, max_response_len=8192, shaping=Shaping(balance_target=0.5)),
         "2": StageConfig(steps=440, prompts_per_step=64, max_response_len=16384),
         "3": StageConfig(
-            steps=130, prompts_per_step=64, max_response_len=24576, length_alpha=0.05, length_beta=0.05
+            steps=130, prompts_per_step=64, max_response_len=24576,
+            shaping=Shaping(length_alpha=0.05, length_beta=0.05),
         ),
     }
 

@@ -110,20 +110,21 @@ def describe(cfg: DictConfig, config_yaml: Path) -> str:
     lines = [f"recipe {config_yaml.stem} ({config_yaml}), resolved:",
              f"  model      {m.path or '(none: --model-path DIR)'}  dtype {m.dtype}, gradient checkpointing "
              f"{'on' if m.gradient_checkpointing else 'off'}, attention {m.attn_implementation}",
-             f"  data       {', '.join(cfg.data.train_files) or 'the tiny arithmetic task'}"]
+             f"  data       {', '.join(cfg.data.train_files) or 'the tiny arithmetic task'} (long prompts: "
+             f"{cfg.data.long_prompts})",
+             f"  reward     {cfg.reward.name}, {cfg.reward.rules} rules, degeneration penalty "
+             f"{_yn(cfg.reward.degeneration_penalty)}"]
     for s in stage_order(cfg):
         st = cfg.stage[s]
-        shaping = []
-        if st.balance_target is not None and st.balance_target < 1:
-            shaping.append(f"batch_balance target {st.balance_target} slope {st.balance_slope}")
-        if st.length_alpha or st.length_beta:
-            shaping.append(f"length_shaping alpha {st.length_alpha} beta {st.length_beta}")
+        shaping = OmegaConf.to_object(st.shaping).describe()
+        fresh = [k for k in ("reset_optimizer", "reshuffle") if st[k]]
         lr = st.lr if st.lr is not None else a.lr
         lines.append(f"  stage {s}    {st.steps} steps: {st.prompts_per_step} prompts x {st.rollouts_per_prompt} "
                      f"rollouts x {st.max_response_len} tokens, {st.prompt_style} prompt, T={st.temperature}, "
-                     f"lr {lr:g}; {', '.join(shaping) or 'accuracy only'}")
+                     f"lr {lr:g}; {shaping}" + (f"; {', '.join(fresh)}" if fresh else ""))
     kl = f"KL {a.kl_coef} ({a.kl_estimator})" if a.kl_coef > 0 else "KL off"
-    lines += [f"  algorithm  lr {a.lr:g}, clip {a.clip_low}/{a.clip_high}, {kl}, entropy {a.entropy_coef}, "
+    lines += [f"  algorithm  {a.advantage} ({a.policy_loss}, {a.loss_agg}), lr {a.lr:g}, weight decay "
+              f"{a.weight_decay:g}, clip {a.clip_low}/{a.clip_high}, {kl}, entropy {a.entropy_coef}, "
               f"mini-batch {a.mini_batch_prompts or 'whole step'} prompts, micro-batch {a.micro_batch_tokens} tokens, "
               f"log-prob chunk {a.logprob_chunk}",
               f"  deepspeed  ZeRO-{ds.zero_stage}, offload optimizer {_yn(ds.offload_optimizer)}, "

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import torch.distributed as dist
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from at_core import checkpoint
@@ -114,11 +114,7 @@ def score(ctx: Context, problems: List[Problem], prompt_ids: List[List[int]], sa
                 groups.append(g)
                 lengths.append(len(s.output_ids))
                 tiers.append(prob.tier)
-        out = ctx.reward(
-            texts, golds, groups, lengths, prompts=prompts,
-            balance_target=stage.balance_target, balance_slope=stage.balance_slope,
-            length_alpha=stage.length_alpha, length_beta=stage.length_beta,
-        )
+        out = ctx.reward(texts, golds, groups, lengths, prompts=prompts, shaping=OmegaConf.to_object(stage.shaping))
         result = {
             "rewards": out.rewards, "think": out.think, "correct": out.correct, "groups": groups,
             "format_ok": out.format_ok, "lengths": lengths, "tiers": tiers,

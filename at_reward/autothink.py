@@ -134,17 +134,14 @@ def shape_rewards(
     length_beta: float = 0.0,
 ) -> list[float]:
     """Batch-level shaping of base rewards: `length_shaping` per group, then
-    `batch_balance` over the whole batch (off when `balance_target` is None or >= 1).
+    `batch_balance` over the whole batch (off when `balance_target` is None or >= 1); the
+    keyword form of `at_reward.shaping.Shaping(...).apply`.
 
     Format errors take part as the reference code has them: their base is 0, they count
     as wrong (correct=False) in length shaping, in their detected mode for the think rate,
     and move toward that mode's wrong target (-1 think, -2 no-think) under balance.
     """
-    n = len(base)
-    for name, seq in (("think", think), ("correct", correct), ("lengths", lengths), ("groups", groups)):
-        if len(seq) != n:
-            raise ValueError(f"shape_rewards: {name} has {len(seq)} entries, base has {n}")
-    rewards = length_shaping(base, correct, lengths, groups, length_alpha, length_beta)
-    if balance_target is not None and balance_target < 1.0:
-        rewards = batch_balance(rewards, think, correct, balance_target, balance_slope)
-    return rewards
+    from at_reward.shaping import Shaping
+
+    return Shaping(balance_target, balance_slope, length_alpha, length_beta).apply(base, think, correct, lengths,
+                                                                                   groups)

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from at_reward.autothink import base_reward, degeneration_penalty, shape_rewards
+from at_reward.autothink import base_reward, degeneration_penalty
 from at_reward.grade import Grade
 from at_reward.rules import Rules, rules_named
+from at_reward.shaping import Shaping
 
 __all__ = [
     "Grade", "RewardOutput", "Reward", "PooledReward", "MathReward",
@@ -71,10 +72,7 @@ class Reward:
         lengths: Sequence[int],
         *,
         prompts: Optional[Sequence[str]] = None,
-        balance_target: Optional[float] = None,
-        balance_slope: float = 2.0,
-        length_alpha: float = 0.0,
-        length_beta: float = 0.0,
+        shaping: Optional[Shaping] = None,
     ) -> RewardOutput:
         """Grade, score and shape one training batch.
 
@@ -83,8 +81,8 @@ class Reward:
         (length shaping is per group), `lengths` response token counts. `prompts`, one per
         response, are the prompt texts the `reference` rules read with the response (decoded
         with special tokens, as the authors' code decodes them); the `project` rules ignore
-        them. The other keyword arguments are the stage's shaping
-        (`at_reward.autothink.shape_rewards`).
+        them. `shaping` is the stage's batch-level shaping (`at_reward.shaping.Shaping`;
+        None: the base reward only).
         """
         if len(golds) != len(responses):
             raise ValueError(f"reward: {len(responses)} responses but {len(golds)} golds")
@@ -104,11 +102,7 @@ class Reward:
         if self.degeneration:
             base = [degeneration_penalty(b, rules.degeneration_text(p, r))
                     for b, p, r in zip(base, prompts, responses)]
-        rewards = shape_rewards(
-            base, think, correct, lengths, groups,
-            balance_target=balance_target, balance_slope=balance_slope,
-            length_alpha=length_alpha, length_beta=length_beta,
-        )  # fmt: skip
+        rewards = (shaping or Shaping()).apply(base, think, correct, lengths, groups)
         return RewardOutput(rewards=rewards, base=base, think=think, correct=correct, format_ok=format_ok)
 
     def close(self) -> None:

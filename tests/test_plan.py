@@ -149,7 +149,8 @@ def test_recipes_are_the_papers_and_fit_their_recorded_cluster(name):
     cfg, gpus, nodes = _recipe(name)
     assert [(s.prompts_per_step, s.rollouts_per_prompt, s.max_response_len) for s in cfg.stage.values()] == [
         (128, 8, 8192), (64, 8, 16384), (64, 8, 24576)]
-    assert (cfg.stage["1"].balance_target, cfg.stage["3"].length_alpha, cfg.stage["3"].length_beta) == (0.5, 0.05, 0.05)
+    assert (cfg.stage["1"].shaping.balance_target, cfg.stage["3"].shaping.length_alpha,
+            cfg.stage["3"].shaping.length_beta) == (0.5, 0.05, 0.05)
     assert (cfg.algorithm.lr, cfg.algorithm.kl_coef, cfg.algorithm.entropy_coef) == (1e-6, 0.0, 0.001)
     assert cfg.model.dtype == "bf16" and cfg.model.gradient_checkpointing and cfg.rollout.colocate
     result = plan(cfg, arch(RECIPES[name]), gpus, 80, nodes)

@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 
 from at_core.config import ConfigError, RunConfig, load_config
 from at_reward.grade import Grade
+from at_reward.shaping import Shaping
 from at_reward.registry import (
     MathReward,
     Reward,
@@ -46,7 +47,7 @@ def test_math_reward_end_to_end():
     golds = ["4", "4", 4.0, ["4", "four"], "4", "4"]
     with build_reward(reward_cfg(workers=2, timeout_s=5.0)) as reward:
         assert isinstance(reward, MathReward)
-        out = reward(responses, golds, groups=[0, 0, 0, 1, 1, 1], lengths=[10, 20, 30, 40, 50, 60], balance_target=0.5)
+        out = reward(responses, golds, groups=[0, 0, 0, 1, 1, 1], lengths=[10, 20, 30, 40, 50, 60], shaping=Shaping(balance_target=0.5))
     assert isinstance(out, RewardOutput)
     assert out.think == [True, True, False, False, False, True]
     assert out.correct == [True, False, True, False, False, False]
@@ -57,7 +58,7 @@ def test_math_reward_end_to_end():
     assert out.rewards == out.base
 
     with build_reward(reward_cfg(workers=1, degeneration_penalty=False)) as reward:
-        out = reward(responses[3:5], golds[3:5], groups=[0, 0], lengths=[1, 2], balance_target=0.5)
+        out = reward(responses[3:5], golds[3:5], groups=[0, 0], lengths=[1, 2], shaping=Shaping(balance_target=0.5))
     # Penalty off: both -1; all no-think, a = 1: both pulled to -2 (targets), penalty or not.
     assert out.base == [-1.0, -1.0]
     assert out.rewards == pytest.approx([-2.0, -2.0])
@@ -86,7 +87,7 @@ MCQ_GOLDS = ["B", "B", ["A", "D"], "A"]
 @pytest.mark.parametrize("module", ["examples.mcq_reward", str(REPO / "examples" / "mcq_reward.py")])
 def test_mcq_example_by_module_and_by_path(module):
     with build_reward(reward_cfg(name="mcq", module=module, workers=1, timeout_s=5.0)) as reward:
-        out = reward(MCQ_RESPONSES, MCQ_GOLDS, groups=[0, 0, 1, 1], lengths=[3, 9, 9, 3], balance_target=0.5)
+        out = reward(MCQ_RESPONSES, MCQ_GOLDS, groups=[0, 0, 1, 1], lengths=[3, 9, 9, 3], shaping=Shaping(balance_target=0.5))
     assert out.correct == [True, False, True, False]
     assert out.format_ok == [True, True, True, False]
     assert out.think == [False, True, True, False]
