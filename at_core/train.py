@@ -21,9 +21,15 @@ from at_core.data import DataError, Problem, load_problems
 
 
 def load_train_problems(cfg: DictConfig) -> List[Problem]:
-    """The configured training files, or the tiny arithmetic task when none are given."""
+    """The configured training files, or the tiny arithmetic task when none are given; the
+    task only fits the tiny world's models, so a real model without training files is an error."""
     if not cfg.data.train_files:
+        from at_core.tiny import is_tiny_world
         from at_core.tiny.task import generate_all
+
+        if cfg.model.path and not is_tiny_world(cfg.model.path):
+            raise ConfigError(f"data.train_files is empty: the built-in arithmetic task is only for the tiny world's "
+                              f"models, and model.path={cfg.model.path} is not one; set data.train_files=[FILE, ...]")
 
         return generate_all(cfg.data.tiny_train_size, seed=cfg.seed, split="train")
     problems: List[Problem] = []

@@ -178,3 +178,17 @@ def test_server_killed_mid_run_is_restarted_and_the_run_goes_on(tiny_model_dir, 
     assert "restarting the server" in output
     assert _steps(out) == [("1", 1, 1), ("1", 2, 2), ("1", 3, 3), ("1", 4, 4)]  # nothing lost, nothing repeated
     assert _server_pids(proc.pid) == []  # and nothing left behind
+
+
+def test_real_model_without_training_files_names_the_key(tiny_model_dir, tmp_path):
+    import shutil
+
+    real = tmp_path / "not_tiny"
+    shutil.copytree(tiny_model_dir, real)
+    conf = json.loads((real / "config.json").read_text())
+    assert conf.pop("tiny_world") is True  # the tiny world marks its models
+    (real / "config.json").write_text(json.dumps(conf))
+    proc = subprocess.run([sys.executable, "-m", "at_core.train", "--model-path", str(real), "--out",
+                           str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "data.train_files" in proc.stderr and "not_tiny" in proc.stderr and "Traceback" not in proc.stderr

@@ -11,6 +11,16 @@ SAMPLE_CORPUS = [
 ]
 
 
+def is_tiny_world(model_dir: str | Path) -> bool:
+    """Whether `model_dir` holds one of the tiny world's models (or an export of one)."""
+    import json
+
+    try:
+        return bool(json.loads((Path(model_dir) / "config.json").read_text()).get("tiny_world", False))
+    except (OSError, ValueError):
+        return False
+
+
 def build_random_model(out_dir: str | Path, size: str = "test", corpus: Optional[Iterable[str]] = None,
                        vocab_size: int = 400, seed: int = 0) -> Path:
     """A randomly initialised tiny R1-style HF model directory (tests, benchmarks, rehearsals)."""

@@ -55,6 +55,7 @@ def build_model(model_dir: str | Path, size: str = "small", seed: int = 0) -> Qw
 def save_model(model, tokenizer, model_dir: str | Path) -> Path:
     """Write an HF directory (config, safetensors, tokenizer, generation config)."""
     model_dir = Path(model_dir)
+    model.config.tiny_world = True  # the built-in task's models (at_core.tiny.is_tiny_world); kept in exports
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
