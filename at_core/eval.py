@@ -129,9 +129,10 @@ def _problems(args) -> List[Tuple[str, Problem]]:
     from at_core.data import DataError, load_benchmark, load_problems
 
     problems: List[Tuple[str, Problem]] = []
-    for name in filter(None, (n.strip() for n in (args.benchmarks or "").split(","))):
+    names = dict.fromkeys(filter(None, (n.strip() for n in (args.benchmarks or "").split(","))))  # once each
+    for name in names:
         problems += [(name, p) for p in load_benchmark(name)]
-    for f in args.files or []:
+    for f in dict.fromkeys(args.files or []):
         problems += [(f, p) for p in load_problems(f, args.problem_key, args.answer_key, args.answer_extract)]
     if args.limit:
         seen: Dict[str, int] = defaultdict(int)
