@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -17,7 +17,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from at_core import checkpoint
+from at_core import checkpoint, validation
 from at_core.actor import compute_logprobs, update_policy
 from at_core.algorithms import estimate_advantages
 from at_core.config import ConfigError, save_config, stage_order
@@ -49,6 +49,7 @@ class Context:
     rank: int = 0
     world: int = 1
     on_stage_end: Optional[Callable[["Context", str, Path], None]] = None
+    eval_problems: List[Problem] = field(default_factory=list)  # held-out problems (eval.every > 0)
 
 
 # ---------------------------------------------------------------- the steps of one RL step
@@ -191,8 +192,8 @@ def rl_step(ctx: Context, stage_name: str) -> Dict[str, float]:
 
     step_time = sum(clock.values())
     generated = sum(scored["lengths"])
-    return {**batch_metrics(scored), **stats, **clock, "tokens_per_s": generated / max(step_time, 1e-9),
-            "batch_digest": batch_digest(problems)}
+    return {**batch_metrics(scored), **stats, **clock, **ctx.rollout.metrics(),
+            "tokens_per_s": generated / max(step_time, 1e-9), "batch_digest": batch_digest(problems)}
 
 
 def batch_digest(problems: List[Problem]) -> str:
@@ -235,6 +236,8 @@ def run_stage(ctx: Context, name: str) -> None:
         ctx.state.step += 1
         ctx.state.global_step += 1
         ctx.state.data_position = ctx.stream.position
+        if validation.due(ctx.cfg, ctx.state.global_step):
+            metrics.update(validation.evaluate(ctx, stage, ctx.eval_problems))
         ctx.recorder.log({"stage": name, "step": ctx.state.step, "global_step": ctx.state.global_step, **metrics})
         bar.update(1)
         bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}", acc=f"{metrics['accuracy']:.2f}",
@@ -269,6 +272,7 @@ def setup(cfg: DictConfig, train_problems: List[Problem], model_path: str) -> Co
         save_config(cfg, out_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     render_prompt(tokenizer, "1 + 1", "standard")  # a directory without a chat template fails here, early
+    eval_problems = validation.eval_problems(cfg, model_path)
     engine = build_actor(model_path, cfg)
     reference = build_reference(model_path, cfg) if cfg.algorithm.kl_coef > 0 else None
     state = checkpoint.TrainState(str(stage_order(cfg)[0]), 0, 0, 0)
@@ -286,7 +290,7 @@ def setup(cfg: DictConfig, train_problems: List[Problem], model_path: str) -> Co
     rollout = RolloutWorkers(cfg.rollout, model_path, out_dir, rank)
     rollout.start(policy_lm(engine))  # the server starts from `model_path`; a resumed actor is synced in
     return Context(cfg, out_dir, model_path, tokenizer, engine, reference, rollout, reward, recorder, stream,
-                   state, rank, world)
+                   state, rank, world, eval_problems=eval_problems)
 
 
 def train(cfg: DictConfig, train_problems: List[Problem], model_path: str,

@@ -56,3 +56,51 @@ def test_reference_settings_end_to_end(tiny_model_dir, tmp_path):
     assert m[0]["batch_digest"] == batch_digest(stream.take(4))
     stream.start_epoch()  # stage 3 starts a fresh permutation (9 problems: position 4 -> 9)
     assert m[1]["batch_digest"] == batch_digest(stream.take(4))
+
+
+@pytest.mark.timeout(600)
+def test_in_training_evaluation_every_n_steps(tiny_model_dir, tmp_path):
+    """eval.every=2 on data.eval_files: eval/... keys in metrics.jsonl at steps 2 and 4 only,
+    per benchmark file, and in TensorBoard."""
+    rows = [{"problem": f"What is {a} + {b}?", "answer": str(a + b)} for a in range(2) for b in range(3)]
+    evalset = tmp_path / "held_out.json"
+    evalset.write_text(json.dumps(rows))
+    out = tmp_path / "run"
+    args = ["--model-path", str(tiny_model_dir), "--out", str(out), "data.tiny_train_size=40", "stage.1.steps=3",
+            "stage.2.steps=0", "stage.3.steps=1", "rollout.retries=1", "eval.every=2", "eval.samples=2",
+            "eval.max_response_len=8", f"data.eval_files=[{evalset}]",
+            *[f"stage.{s}.{k}" for s in (1, 3) for k in ("prompts_per_step=2", "rollouts_per_prompt=2",
+                                                         "max_response_len=8")]]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "at_core.train", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=500)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    m = read_metrics(out)
+    assert [r["global_step"] for r in m if "eval/accuracy" in r] == [2, 4]
+    for r in m:
+        if "eval/accuracy" in r:
+            assert 0.0 <= r["eval/accuracy"] <= 1.0 and 0.0 <= r["eval/think_rate"] <= 1.0
+            assert r["eval/mean_tokens"] > 0 and "eval/accuracy/held_out" in r
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(out / "tensorboard"))
+    tb.Reload()
+    assert [e.step for e in tb.Scalars("eval/accuracy")] == [2, 4]
+
+
+def test_eval_every_without_eval_files_for_a_real_model_names_the_key(tiny_model_dir, tmp_path):
+    import shutil
+
+    real = tmp_path / "not_tiny"
+    shutil.copytree(tiny_model_dir, real)
+    conf = json.loads((real / "config.json").read_text())
+    conf.pop("tiny_world")
+    (real / "config.json").write_text(json.dumps(conf))
+    train = tmp_path / "train.json"
+    train.write_text(json.dumps([{"problem": "1 + 1?", "answer": "2"}]))
+    proc = subprocess.run([sys.executable, "-m", "at_core.train", "--model-path", str(real), "--out",
+                           str(tmp_path / "run"), f"data.train_files=[{train}]", "eval.every=5"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "data.eval_files" in proc.stderr and "Traceback" not in proc.stderr
