@@ -124,3 +124,56 @@ def test_updates_outside_a_session_are_refused_and_receive_nothing(client, model
         client.end_weight_update()
     info = client.server_info()
     assert info["weight_update_session"] is True and client.needs_weight_update_session()
+
+
+AGREE = '''
+import json, sys, torch, torch.distributed as dist
+from at_core.config import load_config
+from at_core.rollout import RolloutWorkers
+from at_rollout.client import RolloutClient, RolloutError
+from at_rollout.weight_sync import WeightSync
+
+dist.init_process_group("gloo")
+rank, url, dead = dist.get_rank(), sys.argv[1], sys.argv[2]
+seen = {}
+def attempt(name, fn):
+    try:
+        fn()
+        seen[name] = None
+    except RolloutError as err:
+        seen[name] = [err.status, str(err)]
+# a 4xx in the middle of a sync (names the server does not serve)
+ws = WeightSync(RolloutClient(url) if rank == 0 else None, "tensor", bucket_mb=1)
+attempt("sync", lambda: ws.sync(torch.nn.Linear(4, 4)))
+if rank == 0:
+    RolloutClient(url).continue_generation()
+# a 4xx answer to a generation
+cfg = load_config(overrides=[f"rollout.urls=[{url}]"]).rollout
+workers = RolloutWorkers(cfg, "unused", "/tmp", rank=rank)
+workers.start()
+attempt("generate", lambda: workers.generate([[1, 10 ** 6]], {"max_new_tokens": 2, "sampling_seed": 1}, None))
+seen["restarts"] = workers.restarts
+# a server that never answers
+cfg = load_config(overrides=[f"rollout.urls=[{dead}]", "rollout.startup_timeout_s=2"]).rollout
+attempt("start", lambda: RolloutWorkers(cfg, "unused", "/tmp", rank=rank).start())
+print("RESULT", rank, json.dumps(seen), flush=True)
+'''
+
+
+@pytest.mark.timeout(240)
+def test_all_ranks_raise_the_same_error_together(server, tmp_path):
+    import json
+
+    from helpers import free_port, torchrun
+
+    script = tmp_path / "agree.py"
+    script.write_text(AGREE)
+    proc = torchrun(script, 2, server.url, f"http://127.0.0.1:{free_port()}", timeout=200)
+    results = {int(line.split()[1]): json.loads(line.split(maxsplit=2)[2])
+               for line in proc.stdout.splitlines() if line.startswith("RESULT")}
+    assert sorted(results) == [0, 1], proc.stdout + proc.stderr[-3000:]
+    assert results[0] == results[1]  # same status, same message, on both ranks
+    r = results[0]
+    assert r["sync"][0] == 400 and "unknown weight name" in r["sync"][1]
+    assert r["generate"][0] == 400 and "outside the vocabulary" in r["generate"][1] and r["restarts"] == 0
+    assert r["start"][0] is None and "did not answer 200" in r["start"][1]
