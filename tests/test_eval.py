@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -121,7 +122,8 @@ def test_resume_after_an_interrupt_gives_the_uninterrupted_samples(full_run, tin
 
 
 @pytest.mark.timeout(120)
-def test_resume_refuses_other_settings_and_a_file_in_the_way(full_run, tiny_model_dir, capsys):
+def test_resume_refuses_other_settings_and_a_file_in_the_way(full_run, tiny_model_dir, tmp_path, capsys):
+    full_run = Path(shutil.copytree(full_run, tmp_path / "copy"))  # the module's run stays as it was
     before = (full_run / "generations.jsonl").read_text()
     assert main(args(tiny_model_dir, full_run, "--resume", "--temperature", "1.0", )) == 2
     assert "other settings: temperature 0.6 (file) vs 1.0 (now)" in capsys.readouterr().err
