@@ -16,7 +16,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from at_core.algorithms.losses import StepCounts, loss_weights, token_loss
-from at_core.packing import Rollout, pack, plan_micro_batches
+from at_core.packing import Example, pack, plan_micro_batches
 
 
 def _all_reduce(values: List[float], op=dist.ReduceOp.SUM) -> List[float]:
@@ -31,23 +31,23 @@ def _device(engine) -> torch.device:
     return next(engine.module.parameters()).device
 
 
-def _micro_plan(rollouts: Sequence[Rollout], token_budget: int) -> List[List[int]]:
+def _micro_plan(examples: Sequence[Example], token_budget: int) -> List[List[int]]:
     """This rank's micro-batches, padded to the largest count on any rank (empty = filler)."""
-    plan = plan_micro_batches([r.length for r in rollouts], token_budget) if rollouts else []
+    plan = plan_micro_batches([r.length for r in examples], token_budget) if examples else []
     count = int(_all_reduce([len(plan)], dist.ReduceOp.MAX)[0])
     return plan + [[] for _ in range(count - len(plan))]
 
 
 @torch.no_grad()
-def compute_logprobs(engine, rollouts: Sequence[Rollout], token_budget: int, temperature: float,
+def compute_logprobs(engine, examples: Sequence[Example], token_budget: int, temperature: float,
                      chunk: int = 4096) -> List[List[float]]:
     """Per-token log-probs of each rollout's response under `engine` (old policy or reference)."""
-    out: List[List[float]] = [[] for _ in rollouts]
-    filler = [rollouts[0]] if rollouts else []
-    for idx in _micro_plan(rollouts, token_budget):
-        group = [rollouts[i] for i in idx] or filler
+    out: List[List[float]] = [[] for _ in examples]
+    filler = [examples[0]] if examples else []
+    for idx in _micro_plan(examples, token_budget):
+        group = [examples[i] for i in idx] or filler
         if not group:  # this rank has no data at all this step: still take part in the gathers
-            group = [Rollout(prompt_ids=[0], response_ids=[0])]
+            group = [Example(prompt_ids=[0], response_ids=[0])]
         batch = pack(group, _device(engine))
         logp, _ = engine(batch, temperature, chunk=chunk)
         if idx:
@@ -56,29 +56,29 @@ def compute_logprobs(engine, rollouts: Sequence[Rollout], token_budget: int, tem
     return out
 
 
-def update_policy(engine, rollouts: Sequence[Rollout], algo: DictConfig, temperature: float,
+def update_policy(engine, examples: Sequence[Example], algo: DictConfig, temperature: float,
                   ref_logprobs: Optional[List[List[float]]] = None, n_mini: int = 1,
                   max_response_len: int = 1) -> Dict[str, float]:
-    """One RL step's policy update over this rank's rollouts: ppo_epochs x n_mini optimizer steps.
+    """One RL step's policy update over this rank's examples: ppo_epochs x n_mini optimizer steps.
 
-    Mini-batches are contiguous slices of the rollouts (which arrive grouped by prompt), so
+    Mini-batches are contiguous slices of the examples (which arrive grouped by prompt), so
     a prompt's group stays in one mini-batch whenever the slices allow it.
     """
     stats: Dict[str, float] = defaultdict(float)
-    n_mini = max(1, min(n_mini, len(rollouts)) if rollouts else n_mini)
+    n_mini = max(1, min(n_mini, len(examples)) if examples else n_mini)
     n_mini = int(_all_reduce([n_mini], dist.ReduceOp.MIN)[0])  # every rank steps the optimizer as often
     on_policy = algo.ppo_epochs * n_mini == 1
     if not on_policy:
-        olds = compute_logprobs(engine, rollouts, algo.micro_batch_tokens, temperature, algo.logprob_chunk)
-        for r, lp in zip(rollouts, olds):
+        olds = compute_logprobs(engine, examples, algo.micro_batch_tokens, temperature, algo.logprob_chunk)
+        for r, lp in zip(examples, olds):
             r.old_logprobs = lp
-    bounds = [round(m * len(rollouts) / n_mini) for m in range(n_mini + 1)]
+    bounds = [round(m * len(examples) / n_mini) for m in range(n_mini + 1)]
     minis = [list(range(bounds[m], bounds[m + 1])) for m in range(n_mini)]
     steps = 0
     for _ in range(algo.ppo_epochs):
         for mini in minis:
             refs = None if ref_logprobs is None else [ref_logprobs[i] for i in mini]
-            for k, v in backward_mini_batch(engine, [rollouts[i] for i in mini], algo, temperature,
+            for k, v in backward_mini_batch(engine, [examples[i] for i in mini], algo, temperature,
                                             on_policy, refs, max_response_len).items():
                 stats[k] += v
             engine.step()
@@ -95,7 +95,7 @@ def update_policy(engine, rollouts: Sequence[Rollout], algo: DictConfig, tempera
     return out
 
 
-def _advantages(group: Sequence[Rollout]) -> List[float]:
+def _advantages(group: Sequence[Example]) -> List[float]:
     """Per response token: a scalar advantage repeated, or a token-level estimator's list."""
     out: List[float] = []
     for r in group:
@@ -109,7 +109,7 @@ def _advantages(group: Sequence[Rollout]) -> List[float]:
     return out
 
 
-def backward_mini_batch(engine, local: Sequence[Rollout], algo: DictConfig, temperature: float,
+def backward_mini_batch(engine, local: Sequence[Example], algo: DictConfig, temperature: float,
                         on_policy: bool = True, ref_logprobs: Optional[List[List[float]]] = None,
                         max_response_len: int = 1) -> Dict[str, float]:
     """Forward/backward over this rank's share of one mini-batch; gradients accumulate, no step."""
@@ -123,7 +123,7 @@ def backward_mini_batch(engine, local: Sequence[Rollout], algo: DictConfig, temp
         group = [local[i] for i in idx]
         filler = not group
         if filler:  # keep ZeRO-3's collectives in step with the other ranks
-            group = list(local[:1]) or [Rollout(prompt_ids=[0], response_ids=[0])]
+            group = list(local[:1]) or [Example(prompt_ids=[0], response_ids=[0])]
         batch = pack(group, _device(engine))
         logp, ent = engine(batch, temperature, with_entropy=True, chunk=algo.logprob_chunk)
         adv = torch.tensor(_advantages(group), dtype=torch.float32, device=logp.device)

@@ -17,8 +17,9 @@ from at_core.logprob import lm_head_token_logprobs
 
 
 @dataclass
-class Rollout:
-    """One sampled response with everything the update needs."""
+class Example:
+    """One training example: a prompt and one of its sampled responses, with everything the
+    update needs (a generated response itself is a `Sample`)."""
 
     prompt_ids: List[int]
     response_ids: List[int]
@@ -57,19 +58,19 @@ class PackedBatch:
     position_ids: torch.Tensor  # [1, T]
     logit_index: torch.Tensor  # [N] positions whose logits predict the response tokens
     targets: torch.Tensor  # [N] the response tokens
-    seq_of_token: torch.Tensor  # [N] which rollout (index into `rollouts`) each target belongs to
-    rollouts: List[Rollout]
+    seq_of_token: torch.Tensor  # [N] which example (index into `examples`) each target belongs to
+    examples: List[Example]
     cu_seqlens: torch.Tensor  # [S + 1] int32 sequence boundaries (varlen attention)
     max_len: int
 
 
-def pack(rollouts: Sequence[Rollout], device: torch.device | str = "cpu") -> PackedBatch:
+def pack(examples: Sequence[Example], device: torch.device | str = "cpu") -> PackedBatch:
     ids: List[int] = []
     pos: List[int] = []
     logit_index: List[int] = []
     targets: List[int] = []
     owner: List[int] = []
-    for k, r in enumerate(rollouts):
+    for k, r in enumerate(examples):
         start = len(ids)
         seq = list(r.prompt_ids) + list(r.response_ids)
         ids.extend(seq)
@@ -83,9 +84,9 @@ def pack(rollouts: Sequence[Rollout], device: torch.device | str = "cpu") -> Pac
     def t(x):
         return torch.tensor(x, dtype=torch.long, device=device)
 
-    lens = [r.length for r in rollouts]
+    lens = [r.length for r in examples]
     cu = torch.tensor([0] + lens, dtype=torch.int32, device=device).cumsum(0, dtype=torch.int32)
-    return PackedBatch(t(ids)[None], t(pos)[None], t(logit_index), t(targets), t(owner), list(rollouts), cu,
+    return PackedBatch(t(ids)[None], t(pos)[None], t(logit_index), t(targets), t(owner), list(examples), cu,
                        max(lens, default=0))
 
 

@@ -24,7 +24,7 @@ from at_core.config import ConfigError, save_config, stage_order
 from at_core.data import Problem
 from at_core.engines import build_actor, build_reference, init_distributed, policy_lm, reset_optimizer, set_lr
 from at_core.export import export_hf
-from at_core.packing import Rollout
+from at_core.packing import Example
 from at_core.prompts import render_prompt
 from at_core.recorder import Recorder
 from at_core.rollout import RolloutWorkers, Sample, broadcast_from_rank0
@@ -123,13 +123,13 @@ def score(ctx: Context, problems: List[Problem], prompt_ids: List[List[int]], sa
     return broadcast_from_rank0(result)
 
 
-def my_rollouts(ctx: Context, prompt_ids: List[List[int]], samples: List[List[Sample]], scored) -> List[Rollout]:
+def my_examples(ctx: Context, prompt_ids: List[List[int]], samples: List[List[Sample]], scored) -> List[Example]:
     """This rank's shard of the batch: whole prompt groups, prompts[rank::world]."""
     out, k = [], 0
     for g, (ids, group) in enumerate(zip(prompt_ids, samples)):
         for s in group:
             if g % ctx.world == ctx.rank and s.output_ids:
-                out.append(Rollout(prompt_ids=ids, response_ids=list(s.output_ids), advantage=scored["advantages"][k]))
+                out.append(Example(prompt_ids=ids, response_ids=list(s.output_ids), advantage=scored["advantages"][k]))
             k += 1
     return out
 
@@ -175,13 +175,13 @@ def rl_step(ctx: Context, stage_name: str) -> Dict[str, float]:
 
     t = time.perf_counter()
     ctx.rollout.release()  # colocated engines give their GPU memory to the update
-    rollouts = my_rollouts(ctx, prompt_ids, samples, scored)
+    examples = my_examples(ctx, prompt_ids, samples, scored)
     ref = None
     if ctx.reference is not None:
-        ref = compute_logprobs(ctx.reference, rollouts, ctx.cfg.algorithm.micro_batch_tokens, stage.temperature)
+        ref = compute_logprobs(ctx.reference, examples, ctx.cfg.algorithm.micro_batch_tokens, stage.temperature)
     mbp = ctx.cfg.algorithm.mini_batch_prompts
     n_mini = -(-stage.prompts_per_step // mbp) if mbp else 1
-    stats = update_policy(ctx.engine, rollouts, ctx.cfg.algorithm, stage.temperature, ref, n_mini,
+    stats = update_policy(ctx.engine, examples, ctx.cfg.algorithm, stage.temperature, ref, n_mini,
                           stage.max_response_len)
     clock["time/train"] = time.perf_counter() - t
 

@@ -49,10 +49,10 @@ def prediction(cfg, arch: Arch, gpu_mem_gb: float) -> dict:
 
 
 def _rollouts(n: int, seq_len: int, prompt_len: int, vocab: int, seed: int = 0):
-    from at_core.packing import Rollout
+    from at_core.packing import Example
 
     rng = random.Random(seed)
-    return [Rollout([rng.randrange(vocab) for _ in range(prompt_len)],
+    return [Example([rng.randrange(vocab) for _ in range(prompt_len)],
                     [rng.randrange(vocab) for _ in range(seq_len - prompt_len)], advantage=rng.gauss(0, 1))
             for _ in range(n)]
 

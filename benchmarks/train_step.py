@@ -21,7 +21,7 @@ from at_core.algorithms.losses import token_loss
 from at_core.config import load_config
 from at_core.attention import PACKED_SDPA
 from at_core.logprob import token_logprobs
-from at_core.packing import Rollout, pack, packed_logprobs, plan_micro_batches
+from at_core.packing import Example, pack, packed_logprobs, plan_micro_batches
 from at_core.tiny import build_random_model
 
 
@@ -36,7 +36,7 @@ def make_batch(prompts: int, rollouts: int, short: int, long: int, vocab: int, s
         prompt = [rng.randrange(10, vocab) for _ in range(rng.randint(30, 45))]
         for _ in range(rollouts):
             n = rng.randint(int(long * 0.8), long) if rng.random() < 0.5 else rng.randint(short // 2, short)
-            out.append(Rollout(prompt, [rng.randrange(10, vocab) for _ in range(n)], advantage=rng.gauss(0, 1)))
+            out.append(Example(prompt, [rng.randrange(10, vocab) for _ in range(n)], advantage=rng.gauss(0, 1)))
     return out
 
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from at_core.packing import Rollout, pack, packed_logprobs, plan_micro_batches
+from at_core.packing import Example, pack, packed_logprobs, plan_micro_batches
 from helpers import ROOT, torchrun
 
 
@@ -25,7 +25,7 @@ def test_packed_logprobs_equal_unpacked(tiny_model_dir):
                                                         attn_implementation=PACKED_SDPA).eval()
     g = torch.Generator().manual_seed(1)
     rollouts = [
-        Rollout(prompt_ids=torch.randint(5, 300, (p,), generator=g).tolist(),
+        Example(prompt_ids=torch.randint(5, 300, (p,), generator=g).tolist(),
                 response_ids=torch.randint(5, 300, (r,), generator=g).tolist())
         for p, r in [(7, 3), (4, 40), (11, 1), (5, 17)]
     ]

@@ -8,7 +8,7 @@ from deepspeed.utils import safe_get_full_grad
 from at_core.actor import backward_mini_batch
 from at_core.config import load_config
 from at_core.engines import build_actor
-from at_core.packing import Rollout
+from at_core.packing import Example
 
 model_dir, budget, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 cfg = load_config(overrides=[f"algorithm.micro_batch_tokens={budget}", "algorithm.entropy_coef=0.01"])
@@ -18,7 +18,7 @@ rollouts = []
 for i in range(8):  # every rollout is 12 tokens, so `budget` decides the micro-batch count exactly
     p = 3 + i % 4
     ids = torch.randint(5, 300, (12,), generator=g).tolist()
-    rollouts.append(Rollout(prompt_ids=ids[:p], response_ids=ids[p:], advantage=float(torch.randn(1, generator=g))))
+    rollouts.append(Example(prompt_ids=ids[:p], response_ids=ids[p:], advantage=float(torch.randn(1, generator=g))))
 rank, world = dist.get_rank(), dist.get_world_size()
 mine = rollouts[rank::world]
 stats = backward_mini_batch(engine, mine, cfg.algorithm, temperature=0.7)

@@ -8,7 +8,7 @@ from deepspeed.utils import safe_get_full_grad
 from at_core.actor import backward_mini_batch
 from at_core.config import load_config
 from at_core.engines import build_actor
-from at_core.packing import Rollout
+from at_core.packing import Example
 
 model_dir, budget, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 forms = sys.argv[4].split(",")
@@ -19,7 +19,7 @@ def rollouts():
     out = []
     for i, (p, r) in enumerate([(3, 2), (5, 19), (4, 7), (6, 1), (3, 12), (4, 4), (5, 9), (3, 30)]):
         ids = torch.randint(5, 300, (p + r,), generator=g).tolist()
-        out.append(Rollout(prompt_ids=ids[:p], response_ids=ids[p:], advantage=float(torch.randn(1, generator=g))))
+        out.append(Example(prompt_ids=ids[:p], response_ids=ids[p:], advantage=float(torch.randn(1, generator=g))))
     return out
 
 

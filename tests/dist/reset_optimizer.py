@@ -10,7 +10,7 @@ from at_core.actor import update_policy
 from at_core.config import load_config
 from at_core.engines import build_actor, init_distributed, policy_lm, reset_optimizer
 from at_core.export import export_hf
-from at_core.packing import Rollout
+from at_core.packing import Example
 
 model_dir, work, out = sys.argv[1], sys.argv[2], sys.argv[3]
 init_distributed()
@@ -19,7 +19,7 @@ cfg = load_config(overrides=["algorithm.lr=1e-3", "algorithm.entropy_coef=0.0"])
 
 def batch(seed):
     g = torch.Generator().manual_seed(seed)
-    return [Rollout(prompt_ids=torch.randint(5, 300, (4,), generator=g).tolist(),
+    return [Example(prompt_ids=torch.randint(5, 300, (4,), generator=g).tolist(),
                     response_ids=torch.randint(5, 300, (6,), generator=g).tolist(),
                     advantage=float(torch.randn(1, generator=g))) for _ in range(4)]
 
