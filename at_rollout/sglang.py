@@ -98,7 +98,10 @@ class SGLangServer(ManagedServer):
         return super().client(**kwargs)
 
     def weight_sync(self, **kwargs) -> WeightSync:
-        """A distributed-method WeightSync for this server (NCCL, world = 1 + tp_size * dp_size)."""
+        """A distributed-method WeightSync for this server (NCCL, world = 1 + tp_size)."""
+        if self.dp_size > 1:  # tokenizer_control_mixin.py asserts dp_size == 1 for this update
+            raise ValueError(f"dp_size={self.dp_size}: SGLang's update_weights_from_distributed takes no data-"
+                             "parallel replicas; launch one engine per replica (rollout.urls)")
         kwargs.setdefault("bucket_mb", float(_get(self.rollout, "sync_bucket_mb", 256)))
         kwargs.setdefault("backend", "nccl")
         kwargs.setdefault("engine_ranks", int(_get(self.rollout, "tp_size", 1)) * self.dp_size)
@@ -106,7 +109,7 @@ class SGLangServer(ManagedServer):
         return WeightSync(self.client(), "distributed", **kwargs)
 
     def start(self, sync: Optional[WeightSync] = None) -> "SGLangServer":
-        """Spawn, wait for /health, then (given a WeightSync) join its NCCL weight-update group."""
+        """Spawn, wait for /health_generate, then (given a WeightSync) join its NCCL weight-update group."""
         super().start()
         if sync is not None:
             sync.connect()

@@ -192,3 +192,9 @@ def test_a_failed_sync_closes_the_session_and_raises_the_servers_message(stand_i
     assert err.value.status == 400 and err.value.refused  # a 4xx: never retried by the caller
     assert not _StandIn.session and [p for p, _, _ in log].count("/end_weight_update") == session
     assert "/continue_generation" not in [p for p, _, _ in log]  # left paused, as documented
+
+
+def test_data_parallel_engines_cannot_take_distributed_updates():
+    server = SGLangServer(rollout_cfg(), "/models/m", dp_size=2)
+    with pytest.raises(ValueError, match="dp_size=2"):
+        server.weight_sync()
