@@ -170,7 +170,8 @@ def eval_settings_record(args, labelled: Sequence[Tuple[str, Problem]]) -> Dict[
     return {"model": str(Path(args.model).resolve()), "style": args.style, "samples": args.samples,
             "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
             "seed": args.seed, "batch_prompts": args.batch_prompts, "backend": args.backend,
-            "benchmarks": args.benchmarks, "files": [str(Path(f).resolve()) for f in args.files or []],
+            "benchmarks": list(dict.fromkeys(filter(None, (n.strip() for n in args.benchmarks.split(","))))),
+            "files": [str(Path(f).resolve()) for f in args.files or []],
             "problem_key": args.problem_key, "answer_key": args.answer_key, "answer_extract": args.answer_extract,
             "limit": args.limit, "problems": len(labelled), "problems_sha256": digest}
 
@@ -299,6 +300,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from at_core.generations import GenerationsLog, ResumeError
     from at_core.prompts import ChatTemplateError
     from at_core.train import require_model_dir
+    from at_rollout.client import RolloutError
 
     try:
         require_model_dir(args.model, "--model")
@@ -330,8 +332,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"interrupted: {len(log.records)} of {len(labelled) * args.samples} samples are in {log.path}; "
               "continue with the same command and --resume", file=sys.stderr)
         return 130
-    except ChatTemplateError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ChatTemplateError, RolloutError) as err:
+        print(f"error: {err} ({len(log.records)} samples kept in {log.path}; --resume continues)", file=sys.stderr)
         return 2
     finally:
         signal.signal(signal.SIGTERM, previous)
