@@ -187,7 +187,7 @@ def rl_step(ctx: Context, stage_name: str) -> Dict[str, float]:
 
     t = time.perf_counter()
     ctx.rollout.resume()
-    ctx.rollout.sync(policy_lm(ctx.engine))
+    ctx.rollout.sync(policy_lm(ctx.engine), weight_version=ctx.state.global_step + 1)  # the step it ends
     clock["time/sync"] = time.perf_counter() - t
 
     step_time = sum(clock.values())
@@ -288,7 +288,7 @@ def setup(cfg: DictConfig, train_problems: List[Problem], model_path: str) -> Co
     stream = PromptStream(train_problems, seed=cfg.seed, shuffle=cfg.data.shuffle, position=state.data_position)
     reward = build_reward(cfg.reward) if rank == 0 else None
     rollout = RolloutWorkers(cfg.rollout, model_path, out_dir, rank)
-    rollout.start(policy_lm(engine))  # the server starts from `model_path`; a resumed actor is synced in
+    rollout.start(policy_lm(engine), weight_version=state.global_step)  # a resumed actor is synced in
     return Context(cfg, out_dir, model_path, tokenizer, engine, reference, rollout, reward, recorder, stream,
                    state, rank, world, eval_problems=eval_problems)
 
