@@ -1,7 +1,7 @@
 """Evaluation: pass@1 (mean over samples), pass@k, mean response tokens and think rate.
 
-Follows AUTOTHINK.md section 5 by default (16 samples, temperature 0.6, top_p 0.95, 32K
-tokens); works with any HF model directory and any rollout backend (the project's server
+Follows the paper's protocol by default (docs/method.md, "Evaluation protocol": 16 samples,
+temperature 0.6, top_p 0.95, 32K tokens); works with any HF model directory and any rollout backend (the project's server
 or SGLang), on the shipped benchmarks or the user's own JSON/JSONL/parquet files.
 
     python -m at_core.eval --model DIR --benchmarks math500,aime24 --samples 16 --style ellipsis
@@ -34,7 +34,6 @@ from at_core.data import Problem
 from at_core.eval_report import (  # noqa: F401 - the report helpers are part of this module's API
     TIER_ORDER, group_results, mean_of, pass_at_k, plot_tradeoff, problem_metrics, results_markdown, write_results)
 from at_core.prompts import PROMPT_STYLES, render_prompt
-from at_reward.autothink import detect_mode
 
 Generate = Callable[[List[List[int]], Dict[str, Any]], List[List[Any]]]  # prompts -> samples per prompt
 # What the forced no-think prompt already wrote after `<think>\n`: graded as part of the answer.
@@ -79,18 +78,30 @@ def generate_samples(generate: Generate, tokenizer, problems: Sequence[Problem],
 
 def grade_samples(problems: Sequence[Problem], samples: Sequence[Sequence[Any]], tokenizer, reward,
                   style: str) -> List[List[Dict[str, Any]]]:
-    """Per problem, per sample: response text, tokens, finish reason, mode, extracted answer, correct."""
-    texts, golds = [], []
+    """Per problem, per sample: response text, tokens, finish reason, mode, extracted answer, correct.
+
+    Mode and answer are read by the reward's rules (`reward.rules`): ours read the response
+    (after what a forced prompt already wrote), the reference's read prompt + response decoded
+    with special tokens, as the authors' evaluation does.
+    """
+    rules = reward.rules
+    texts, read, golds = [], [], []
     for p, group in zip(problems, samples):
+        prompt = render_prompt(tokenizer, p.problem, style) if rules.needs_prompts else ""
         for smp in group:
-            texts.append(tokenizer.decode(smp.output_ids, skip_special_tokens=True))
+            text = tokenizer.decode(smp.output_ids, skip_special_tokens=True)
+            texts.append(text)
+            if rules.needs_prompts:
+                read.append((prompt, tokenizer.decode(smp.output_ids, skip_special_tokens=False)))
+            else:
+                read.append(("", STYLE_PREFIX[style] + text))
             golds.append(p.answer)
-    grades = reward.grade_batch([STYLE_PREFIX[style] + t for t in texts], golds)
+    grades = reward.grade_batch([rules.text(pr, r) for pr, r in read], golds)
     out, k = [], 0
     for group in samples:
         out.append([{"sample": j, "response": texts[k + j], "tokens": len(smp.output_ids),
                      "finish_reason": getattr(smp, "finish_reason", None),
-                     "mode": detect_mode(STYLE_PREFIX[style] + texts[k + j]), "answer": grades[k + j].answer,
+                     "mode": "think" if rules.think(*read[k + j]) else "no_think", "answer": grades[k + j].answer,
                      "correct": bool(grades[k + j].correct and grades[k + j].format_ok)}
                     for j, smp in enumerate(group)])
         k += len(group)
@@ -169,7 +180,7 @@ def eval_settings_record(args, labelled: Sequence[Tuple[str, Problem]]) -> Dict[
                                        default=str).encode()).hexdigest()
     return {"model": str(Path(args.model).resolve()), "style": args.style, "samples": args.samples,
             "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
-            "seed": args.seed, "batch_prompts": args.batch_prompts, "backend": args.backend,
+            "seed": args.seed, "batch_prompts": args.batch_prompts, "backend": args.backend, "rules": args.rules,
             "benchmarks": list(dict.fromkeys(filter(None, (n.strip() for n in args.benchmarks.split(","))))),
             "files": [str(Path(f).resolve()) for f in args.files or []],
             "problem_key": args.problem_key, "answer_key": args.answer_key, "answer_extract": args.answer_extract,
@@ -238,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--api-key", default=None)
     ap.add_argument("--tp-size", type=int, default=1)
     ap.add_argument("--workers", type=int, default=2, help="grading processes")
+    ap.add_argument("--rules", default="project", choices=("project", "reference"),
+                    help="how mode and answer are read (reward.rules; docs/method.md)")
     ap.add_argument("--out", default="runs/eval")
     ap.add_argument("--name", default=None, help="row name in the results (default: model dir name + style)")
     return ap
@@ -257,7 +270,8 @@ def _generate_missing(args, labelled, rows, log, settings: EvalSettings) -> None
             if any((labelled[i][0], labelled[i][1].index, j) not in log.done for i in idx for j in range(args.samples))]
     if not todo:
         return
-    overrides = [f"rollout.backend={args.backend}", f"rollout.tp_size={args.tp_size}", f"reward.workers={args.workers}"]
+    overrides = [f"rollout.backend={args.backend}", f"rollout.tp_size={args.tp_size}", f"reward.workers={args.workers}",
+                 f"reward.rules={args.rules}"]
     if args.url:
         overrides.append("rollout.urls=[" + ",".join(args.url) + "]")
     if args.api_key:

@@ -177,3 +177,28 @@ def test_random_batches_match_the_reference_definitions():
                 want = oracle(prompts[i] + responses[i], {"5", "\\frac{10}{2}"})
                 got = (out.think[i], out.format_ok[i], out.correct[i], out.base[i])
                 assert got == want, (prompts[i], responses[i])
+
+
+@pytest.mark.timeout(120)
+def test_evaluation_reads_responses_by_the_configured_rules(tiny_model_dir):
+    """The evaluation runner's mode and answer follow `reward.rules`, prompts included for the
+    reference (its evaluation reads prompt + response like its training)."""
+    from transformers import AutoTokenizer
+
+    from at_core.data import Problem
+    from at_core.eval import grade_samples
+    from at_rollout.client import Completion
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    texts = ["</think>\n\n\\boxed{5}", "</think>\n\\boxed{5}", "Sum.\n</think>\n\nSo \\boxed 5"]
+    samples = [[Completion(0, tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id], None, "stop")
+                for t in texts]]
+    problems = [Problem(problem="What is 2 + 3?", answer="5")]
+    with reward("reference") as r:
+        ref = grade_samples(problems, samples, tok, r, "ellipsis")[0]
+    with reward("project") as r:
+        ours = grade_samples(problems, samples, tok, r, "ellipsis")[0]
+    assert [s["mode"] for s in ref] == ["no_think", "think", "think"]
+    assert [s["correct"] for s in ref] == [True, True, False]  # `\boxed 5` is no answer for the reference
+    assert [s["mode"] for s in ours] == ["no_think", "no_think", "think"]
+    assert [s["correct"] for s in ours] == [True, True, True]
