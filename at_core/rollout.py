@@ -73,9 +73,21 @@ class RolloutWorkers:
             self.cfg.sync_bucket_mb,
             engine_ranks=self.cfg.tp_size,
             timeout_s=self.cfg.request_timeout_s,
+            ipc=self._ipc_transport(),
         )
         if module is not None:
             self.sync(module, weight_version)
+
+    def _ipc_transport(self):
+        """Colocated SGLang takes CUDA IPC handles from the trainer ranks on its GPUs (all ranks
+        build it alike: the engine count comes from rank 0)."""
+        if not (self.cfg.backend == "sglang" and self.cfg.colocate and self.cfg.sync_method == "tensor"):
+            return None
+        from at_rollout.cuda_ipc import CudaIpcTransport
+        from at_rollout.placement import runtime_ipc_placements
+
+        engines = broadcast_from_rank0(len(self.clients))
+        return CudaIpcTransport(runtime_ipc_placements(self.cfg, engines))
 
     def _launch(self) -> None:
         kw = dict(timeout_s=self.cfg.request_timeout_s, retries=self.cfg.retries)

@@ -6,7 +6,10 @@ sends only a CUDA IPC handle to it; SGLang's TP rank on that GPU maps the memory
 from it. The request SGLang 0.5.15.post1-0.5.23 takes (`UpdateWeightsFromTensorReqInput`):
 
     {"serialized_named_tensors": [one entry per engine TP rank], "load_format": "flattened_bucket",
-     "flush_cache": false, "weight_version": "..."}
+     "flush_cache": false}
+
+(the sync pauses, flushes and opens the weight-update session around the buckets, and names
+the weights' version once all are in: `weight_sync.py`).
 
 Each entry is what SGLang's `MultiprocessingSerializer.serialize(obj, output_str=True)` makes
 (`ForkingPickler` with torch's multiprocessing reductions, then base64) of
@@ -227,6 +230,8 @@ class CudaIpcTransport:
         self.placements = list(placements)
         self._keep: deque = deque(maxlen=max(1, keep))
         self._sources: Optional[list[list[int]]] = None  # per engine: the global rank of each TP rank's GPU
+        self._dtype: Optional[torch.dtype] = None
+        self._dtype_known = False
 
     def _rank_map(self) -> list[list[int]]:
         """Each engine's source ranks, from every rank's (host, local device), gathered once."""
@@ -255,21 +260,31 @@ class CudaIpcTransport:
         self._sources = sources
         return sources
 
-    def send_bucket(self, named: Sequence[tuple[str, torch.Tensor]], clients, weight_version: Optional[str] = None,
-                    timeout_s: Optional[float] = None) -> Optional[str]:
-        """Collective: every rank passes its gathered bucket; rank 0 gets the engines' verdict
-        (an error message or None); the other ranks get None."""
+    def send_bucket(self, bucket: Sequence[tuple[str, torch.Tensor]], clients, dtype: Optional[torch.dtype] = None,
+                    stats: Any = None, timeout_s: Optional[float] = None) -> Optional[BaseException]:
+        """Collective: every rank passes its gathered bucket of (name, parameter); rank 0's `dtype`
+        (the served one; None: the trainer's own) is what every rank casts to. Rank 0 gets the
+        engines' verdict (an error, or None); the other ranks get None."""
         sources = self._rank_map()
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        rank, world = _rank_world()
+        if not self._dtype_known:
+            box = [str(dtype).replace("torch.", "") if dtype is not None else ""]
+            if world > 1:
+                dist.broadcast_object_list(box, src=0)
+            self._dtype, self._dtype_known = (getattr(torch, box[0]) if box[0] else None), True
         entry, error = None, None
         if any(rank in s for s in sources):
             try:
+                named = [(n, p.data.detach() if self._dtype in (None, p.dtype) else p.data.detach().to(self._dtype))
+                         for n, p in bucket]
                 flat, meta = flatten(named)
                 if flat.is_cuda:
                     torch.cuda.current_stream().synchronize()  # the copy is done before anyone maps it
                 self._keep.append(flat)
                 entry = serialize(flat, meta)
+                if stats is not None and rank == 0:
+                    stats.tensors += len(meta)
+                    stats.bytes += flat.numel()
             except Exception as err:  # reported through rank 0 below
                 error = f"rank {rank}: {type(err).__name__}: {err}"
         gathered = [(entry, error)]
@@ -280,8 +295,8 @@ class CudaIpcTransport:
             return None
         errors = [e for _, e in gathered if e]
         if errors:
-            return "; ".join(errors)
-        return _post_all(clients, [[gathered[r][0] for r in s] for s in sources], weight_version, timeout_s)
+            return RuntimeError("; ".join(errors))
+        return _post_all(clients, [[gathered[r][0] for r in s] for s in sources], timeout_s)
 
     def finish(self) -> None:
         """After the sync: drop the kept buckets and let torch free blocks the engines released."""
@@ -298,24 +313,33 @@ def _local_device() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def _post_all(clients, entries_per_engine, weight_version, timeout_s) -> Optional[str]:
-    """One request per engine, in parallel; the first failure, or None."""
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _post_all(clients, entries_per_engine, timeout_s) -> Optional[BaseException]:
+    """One request per engine, in parallel; the first failure (a RolloutError), or None."""
     from concurrent.futures import ThreadPoolExecutor
+
+    from .client import RolloutError
 
     def post(i):
         c = clients[i]
         try:
-            out = c.request("POST", "/update_weights_from_tensor", request_body(entries_per_engine[i], weight_version),
+            out = c.request("POST", "/update_weights_from_tensor", request_body(entries_per_engine[i]),
                             timeout_s=timeout_s, retries=0).json()
+        except RolloutError as err:
+            return err
         except Exception as err:
-            return f"{c.url}: {type(err).__name__}: {err}"
+            return RolloutError(f"{c.url}: {type(err).__name__}: {err}")
         if isinstance(out, dict) and out.get("success") is False:
-            return f"{c.url}: {out.get('message')}"
+            return RolloutError(f"{c.url}/update_weights_from_tensor: {out.get('message')}")
         return None
 
     if len(clients) != len(entries_per_engine):
-        return f"{len(clients)} rollout clients for {len(entries_per_engine)} placed engines"
+        return RolloutError(f"{len(clients)} rollout clients for {len(entries_per_engine)} placed engines")
     with ThreadPoolExecutor(max_workers=max(1, len(clients))) as pool:
         results = list(pool.map(post, range(len(clients))))
-    errors = [r for r in results if r]
-    return "; ".join(errors) if errors else None
+    return next((r for r in results if r is not None), None)

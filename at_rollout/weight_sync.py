@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 
 from .client import RolloutClient, RolloutError
+from .cuda_ipc import CudaIpcTransport
 from .dist_group import create_group, destroy_group, free_port
 from . import tensor_codec
 from .protocol import dtype_name, parse_dtype
@@ -109,7 +110,7 @@ class WeightSync:
                  master_port: int = 0, group_name: str = "weight_update_group", engine_ranks: int = 1,
                  timeout_s: float = 300.0, dtype: Optional[torch.dtype | str] = None,
                  name_map: Callable[[str], Optional[str]] = hf_name, pause_mode: Optional[str] = None,
-                 in_flight: int = 2, tensor_body: str = "auto"):
+                 in_flight: int = 2, tensor_body: str = "auto", ipc: Optional[CudaIpcTransport] = None):
         if method not in ("tensor", "distributed"):
             raise ValueError(f"rollout.sync_method must be 'tensor' or 'distributed', got {method!r}")
         if tensor_body not in ("auto", "binary", "json"):
@@ -130,6 +131,7 @@ class WeightSync:
         self.pause_mode = pause_mode
         self.in_flight = max(1, in_flight)
         self.tensor_body = tensor_body
+        self.ipc = ipc  # colocated SGLang: CUDA IPC handles from every rank (cuda_ipc.py)
         self._binary: Optional[list[bool]] = None  # per client: takes the raw-body update
         self._send_buffers = tensor_codec.BufferPool(keep=self.in_flight + 1)
         self._asked_dtype = False
@@ -222,7 +224,9 @@ class WeightSync:
             for bucket in self._buckets(named):
                 failure, buf, blob = None, None, None
                 with gathered([p for _, p in bucket]), torch.no_grad():
-                    if rank0:
+                    if self.ipc is not None:  # every rank sends a handle to its own copy
+                        failure = self.ipc.send_bucket(bucket, self.clients, self.dtype, stats, self.timeout_s)
+                    elif rank0:
                         try:
                             tensors = [(n, self._cast(p.data)) for n, p in bucket]
                             stats.tensors += len(tensors)
@@ -241,7 +245,7 @@ class WeightSync:
                             del tensors
                         except Exception as err:
                             failure = err
-                if rank0 and failure is None and self.method == "tensor":
+                if rank0 and failure is None and self.method == "tensor" and self.ipc is None:
                     # At most `in_flight` buckets travel at once: the server applies one while
                     # it reads the next, and the ranks gather and serialize the one after.
                     while len(pending) >= self.in_flight and failure is None:
@@ -267,6 +271,8 @@ class WeightSync:
                 for _, buf in pending:
                     self._send_buffers.release(buf)
             self._close_sessions()  # only after a failure is one still open
+            if self.ipc is not None:
+                self.ipc.finish()
         stats.seconds = time.perf_counter() - start
         return stats
 

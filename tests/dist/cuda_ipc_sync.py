@@ -1,0 +1,50 @@
+"""Two CPU ranks sync a model into one 2-GPU (TP 2) engine over the CUDA-IPC transport's
+code path: rank r's bucket copy is entry r of each request (CPU shared memory standing in for
+CUDA IPC). argv: the stand-in's URL, the output JSON."""
+import hashlib
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+from at_rollout.client import RolloutClient, RolloutError
+from at_rollout.cuda_ipc import CudaIpcTransport, EnginePlacement
+from at_rollout.weight_sync import WeightSync
+
+
+def sha(t):
+    return hashlib.sha256(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def main():
+    url, out = sys.argv[1], sys.argv[2]
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+    clients = [RolloutClient(url, retries=0)] if rank == 0 else None
+    ws = WeightSync(clients, "tensor", bucket_mb=0.002, dtype="bfloat16",
+                    ipc=CudaIpcTransport([EnginePlacement(0, (0, 1))]))
+    stats = ws.sync(model, weight_version="7")
+    result = {"buckets": stats.buckets, "tensors": stats.tensors, "bytes": stats.bytes,
+              "expected": {n: {"dtype": "torch.bfloat16", "shape": list(p.shape), "sha256": sha(p.to(torch.bfloat16))}
+                           for n, p in model.named_parameters()}}
+    # an engine on a GPU no rank holds: the same ValueError on every rank, before any request
+    bad = WeightSync(clients, "tensor", bucket_mb=1, ipc=CudaIpcTransport([EnginePlacement(0, (1, 2))]))
+    try:
+        bad.sync(model)
+        result["bad"] = "no error"
+    except (ValueError, RolloutError) as err:
+        result["bad"] = str(err)
+    box = [None] * dist.get_world_size()
+    dist.all_gather_object(box, result["bad"])
+    result["bad_per_rank"] = box
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(result, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
