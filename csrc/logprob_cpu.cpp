@@ -29,6 +29,10 @@
 #include <tuple>
 #include <vector>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
 namespace {
 
 // Elements per block: the block of scaled logits stays in L1 between its two sweeps.
@@ -297,6 +301,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& log
   return {lp, lse, ent};
 }
 
+// A fresh [T, V] gradient is mostly untouched memory: writing it costs one page fault per
+// 4 KiB page, which at RL sizes (1.2 GB) takes longer than the arithmetic. Asking for
+// transparent huge pages on the 2 MiB-aligned interior before the first write cuts the faults
+// 512x where the kernel allows it (THP "madvise" or "always"); elsewhere the advice is a no-op.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t end = begin + static_cast<uintptr_t>(t.numel() * t.element_size());
+  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1), hi = end & ~(kHuge - 1);
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // advice only
+#else
+  (void)t;
+#endif
+}
+
 void backward_cpu(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
                   const at::Tensor& ent, const at::Tensor& grad_lp, const at::Tensor& grad_ent,
                   double temperature, at::Tensor grad_logits) {
@@ -316,6 +336,7 @@ void backward_cpu(const at::Tensor& logits, const at::Tensor& targets, const at:
                   "token_logprobs backward: entropy tensors must be contiguous [T] in ", acc);
     }
   }
+  advise_huge_pages(grad_logits);
   AT_LOGPROB_DISPATCH(logits.scalar_type(), "token_logprobs backward", [&] {
     backward_impl<scalar_t>(logits, targets, lse, ent, grad_lp, grad_ent, temperature,
                             grad_logits);
