@@ -2,9 +2,13 @@
 
 Rank 0 owns the servers (the project's own server on loopback, an SGLang launch, or
 already-running URLs) and sends the generation requests; every rank takes part in the
-weight sync because ZeRO-3 gathers are collective. When a server dies mid-run, all ranks
-agree on it, rank 0 restarts the server, everyone re-syncs the current weights, and the
-same request is sent again: the step is neither lost nor repeated. A 4xx answer (a request
+weight sync because ZeRO-3 gathers are collective. Generation goes per prompt group to the
+least-loaded live engine (`at_rollout/dispatch.py`): a dead engine's groups go to the others
+at once; with none left, all ranks agree on it, rank 0 restarts the servers, everyone
+re-syncs the current weights, and only the unfinished groups are sent again (seeded per
+group, so they come out as they would have): the step is neither lost nor repeated. An
+engine that died while the others finished the step is restarted and re-synced right
+after. A 4xx answer (a request
 that will never succeed) ends the run at once with the server's message, on every rank.
 
 Every sync names the weights (`weight_version`: the policy's step, counted here unless the
@@ -16,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -146,17 +149,26 @@ class RolloutWorkers:
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], params: Dict[str, Any], module) -> List[List[Sample]]:
         """n samples per prompt, grouped by prompt; collective (the result reaches every rank)."""
+        self._partial: Dict[int, List[Sample]] = {}  # group -> samples, kept across attempts
         for attempt in range(self.cfg.retries + 1):
-            result, error = None, None
+            result, error, dead = None, None, []
             if self.rank == 0:
                 try:
                     result = self._generate_on_servers(prompt_ids, params)
-                    self.last_weight_version_lag = self._check_versions(result)
+                    dead = [self.clients[e].url for e in self._dispatcher.dead] if not self.cfg.router_url else []
+                    try:
+                        self.last_weight_version_lag = self._check_versions(result)
+                    except RolloutError:
+                        self._partial = {}  # made with other weights: all of it again
+                        raise
                 except RolloutError as err:
                     error = (str(err), err.status)
             error = broadcast_from_rank0(error)
             if error is None:
-                return broadcast_from_rank0(result)
+                result, dead = broadcast_from_rank0((result, dead))
+                if dead:  # the live engines finished the step; bring the dead back before the next
+                    self._recover(module, f"rollout engine(s) {', '.join(dead)} died during the rollout")
+                return result
             if attempt == self.cfg.retries or RolloutError(*error).refused:
                 _raise_agreed(error, "" if attempt == 0 else f"rollout failed after {attempt + 1} attempts: ")
             self._recover(module, error[0])
@@ -183,32 +195,22 @@ class RolloutWorkers:
         return max(lags, default=0)
 
     def _generate_on_servers(self, prompt_ids, params) -> List[List[Sample]]:
-        """Split the prompts evenly over the servers, one request each, in parallel."""
-        k = len(self.clients)
-        shards = [list(range(i, len(prompt_ids), k)) for i in range(k)]
-        with ThreadPoolExecutor(max_workers=k) as pool:
-            futures = [pool.submit(self._request, c, [prompt_ids[i] for i in idx], params, j)
-                       for j, (c, idx) in enumerate(zip(self.clients, shards))]
-            outs = [f.result() for f in futures]
-        grouped: List[List[Sample]] = [[] for _ in prompt_ids]
-        for idx, out in zip(shards, outs):
-            for s in out:
-                grouped[idx[s.prompt_index]].append(s)
-        return grouped
+        """Per prompt group, many in flight, each to the least-loaded live engine (or through
+        `rollout.router_url`); see at_rollout/dispatch.py. Groups finished before every engine
+        went down are kept for the next attempt, which (after restart and re-sync) sends the rest."""
+        from at_rollout.dispatch import Dispatcher, EnginesDown
 
-    def _request(self, client: RolloutClient, prompts, params, shard: int) -> List[Sample]:
-        """One /generate. SGLang seeds a request's `n` samples alike, so for SGLang every sample
-        becomes its own entry with its own seed; the project's server seeds them apart itself."""
-        seed = params["sampling_seed"] + 7919 * shard
-        if self.cfg.backend != "sglang":
-            return client.generate(prompts, {**params, "sampling_seed": seed})
-        n = params.get("n", 1)
-        expanded = [p for p in prompts for _ in range(n)]
-        per_sample = [{**params, "n": 1, "sampling_seed": seed + i} for i in range(len(expanded))]
-        out = client.generate(expanded, per_sample)
-        for s in out:
-            s.prompt_index //= n
-        return out
+        router = RolloutClient(self.cfg.router_url, api_key=self.cfg.api_key) if self.cfg.router_url else None
+        self._dispatcher = Dispatcher(self.clients, sglang=self.cfg.backend == "sglang", router=router,
+                                      groups_per_request=self.cfg.groups_per_request,
+                                      max_in_flight_groups=self.cfg.max_in_flight_groups)
+        todo = [g for g in range(len(prompt_ids)) if g not in self._partial]
+        try:
+            self._partial.update(self._dispatcher.generate(prompt_ids, params, todo))
+        except EnginesDown as err:
+            self._partial.update(err.done)
+            raise
+        return [self._partial[g] for g in range(len(prompt_ids))]
 
     def _recover(self, module, error: str) -> None:
         """A server failed: restart the dead ones, then re-sync the current weights (all ranks)."""
