@@ -2,10 +2,13 @@
 
 One `/generate` per engine holding a whole step (1,024 samples of up to 24K tokens) makes the
 slowest shard the step's length and outlives any read timeout. Instead a step is cut into
-chunks of `groups_per_request` prompt groups (a group: one prompt, its n samples), fixed by
-the config; each engine holds at most `max_in_flight_groups` groups, and the next chunk goes
-to the live engine with the fewest groups outstanding, so the engines that finish early take
-the rest of the queue.
+chunks of `groups_per_request` prompt groups (a group: one prompt, its n samples); each
+engine holds at most `max_in_flight_groups` groups, and the next chunk goes to the live
+engine with the fewest groups outstanding, so the engines that finish early take the rest
+of the queue. `groups_per_request=0` (auto) is 1 for SGLang, which batches continuously (a
+finished group frees its slot at once), and an engine's whole share for our server, which
+runs each merged call to its longest row: there many small requests only cost more calls
+(docs/benchmarks.md, "Rollout dispatch").
 
 - Determinism: group g's samples are seeded from (the step's `sampling_seed`, g[, sample]),
   so which engine serves a chunk, and when, changes no sample. (Our server seeds a request's
@@ -68,7 +71,8 @@ class Dispatcher:
         self.engines = [_generation_client(c) for c in ([router] if router is not None else clients)]
         self.probes = [router] if router is not None else list(clients)
         self.sglang = sglang
-        self.groups_per_request = max(1, int(groups_per_request))
+        self.routed = router is not None
+        self.groups_per_request = int(groups_per_request)  # 0: auto (see the module's docstring)
         self.cap = 10**9 if router is not None else max(1, int(max_in_flight_groups))
         self.probe_interval_s = probe_interval_s
         self.probe_timeout_s = probe_timeout_s
@@ -76,6 +80,7 @@ class Dispatcher:
         self.max_resubmits = max_resubmits
         self.alive = [True] * len(self.engines)
         self.served = [0] * len(self.engines)  # groups each engine answered (for the benchmark and logs)
+        self.requests = [0] * len(self.engines)  # and in how many requests
 
     @property
     def dead(self) -> List[int]:
@@ -92,7 +97,9 @@ class Dispatcher:
         is one sampling-params dict for every group or one per prompt."""
         groups = list(range(len(prompt_ids)) if groups is None else groups)
         per_group = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompt_ids)
-        queue = deque(chunk_groups(groups, self.groups_per_request))
+        per_request = self.groups_per_request or (1 if self.sglang or self.routed
+                                                  else -(-len(groups) // len(self.engines)))
+        queue = deque(chunk_groups(groups, per_request))
         done: Dict[int, List[Completion]] = {}
         inflight: Dict[Future, tuple] = {}
         load = [0] * len(self.engines)
@@ -126,6 +133,7 @@ class Dispatcher:
                         for g, samples in zip(chunk, fut.result()):
                             done[g] = samples
                         self.served[e] += len(chunk)
+                        self.requests[e] += 1
                         misses[e] = 0
                     except RolloutError as err:
                         if err.refused:

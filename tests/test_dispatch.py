@@ -106,3 +106,13 @@ def test_router_takes_every_chunk(servers):
     d = Dispatcher([s.client() for s in servers], router=RolloutClient(servers[0].url))
     out = d.generate(PROMPTS, PARAMS)
     assert d.served == [len(PROMPTS)] and sorted(out) == list(range(len(PROMPTS)))
+
+
+def test_auto_chunks_give_our_server_whole_shares_and_sglang_single_groups(servers):
+    clients = [s.client() for s in servers]
+    ours = Dispatcher(clients, groups_per_request=0)
+    ours.generate(PROMPTS, PARAMS)
+    assert ours.served == [3, 3] and ours.requests == [1, 1]  # one request of 3 groups per engine
+    sgl = Dispatcher(clients, sglang=True, groups_per_request=0, max_in_flight_groups=1)
+    out = sgl.generate(PROMPTS, PARAMS)
+    assert sum(sgl.requests) == len(PROMPTS) and all(len(v) == 2 for v in out.values())
