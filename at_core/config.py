@@ -141,7 +141,7 @@ class RolloutConfig:
     colocate: bool = False  # release SGLang memory during the update, resume after
     base_gpu_id: Optional[int] = None  # the launched engine's first GPU; None: 0 colocated, after the trainer's apart
     router_url: Optional[str] = None  # an sglang-router in front of the engines: generation goes through it
-    groups_per_request: int = 1  # prompt groups per /generate request (at_rollout/dispatch.py)
+    groups_per_request: int = 0  # prompt groups per /generate; 0: 1 for SGLang, an engine's share for ours (dispatch.py)
     max_in_flight_groups: int = 32  # per engine; more wait, then go to whichever engine frees up first
     request_timeout_s: float = 600.0
     retries: int = 3
