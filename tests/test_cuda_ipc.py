@@ -18,7 +18,7 @@ from at_rollout import cuda_ipc
 from helpers import ROOT, free_port
 from sglang_side import SUPPORTED, wheel_source
 
-CACHE = Path(os.environ.get("AT_SGLANG_WHEELS", Path.home() / ".cache/autothink/sglang-wheels"))
+CACHE = Path(os.environ.get("AT_SGLANG_WHEEL_CACHE", Path.home() / ".cache/autothink/sglang-wheels"))
 
 
 def wheel(version: str) -> str:
