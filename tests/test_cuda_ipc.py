@@ -150,3 +150,25 @@ def test_two_ranks_sync_into_a_tp2_engine_through_the_payload(standin, tmp_path)
     assert served["entries"] == 2 * r["buckets"]  # one entry per TP rank in every request
     assert served["weight_version"] == "7"
     assert all("no trainer rank runs on GPU(s) [2]" in b for b in r["bad_per_rank"]), r["bad_per_rank"]
+
+
+@pytest.mark.timeout(120)
+def test_the_trainer_picks_the_ipc_transport_for_colocated_sglang(standin, tiny_model_dir, tmp_path):
+    import requests
+    from transformers import AutoModelForCausalLM
+
+    from at_core.config import load_config
+    from at_core.rollout import RolloutWorkers
+    from sglang_side import digest
+
+    cfg = load_config(overrides=["rollout.backend=sglang", "rollout.colocate=true", "rollout.sync_method=tensor",
+                                 f"rollout.urls=[{standin}]", "rollout.sync_bucket_mb=1"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    workers = RolloutWorkers(cfg.rollout, str(tiny_model_dir), tmp_path, rank=0)
+    try:
+        workers.start(model, weight_version=3)
+        assert workers.weight_sync.ipc is not None
+        served = requests.get(f"{standin}/standin/weights", timeout=10).json()
+        assert served["weights"] == digest(list(model.named_parameters())) and served["weight_version"] == "3"
+    finally:
+        workers.close()
