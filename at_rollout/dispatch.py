@@ -186,11 +186,9 @@ class Dispatcher:
                     seed = group_seed(p["sampling_seed"], g, j) if p.get("sampling_seed") is not None else None
                     sp.append(_seeded({**p, "n": 1}, seed))
             out = client.generate(expanded, sp)
-            starts = [0]
-            for p in params:
-                starts.append(starts[-1] + int(p.get("n", 1)))
+            owner = [i for i, p in enumerate(params) for _ in range(int(p.get("n", 1)))]
             for s in out:
-                s.prompt_index = next(i for i in range(len(params)) if starts[i] <= s.prompt_index < starts[i + 1])
+                s.prompt_index = owner[s.prompt_index]
         grouped: List[List[Completion]] = [[] for _ in groups]
         for s in out:
             grouped[s.prompt_index].append(s)
