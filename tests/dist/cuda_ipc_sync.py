@@ -1,6 +1,7 @@
-"""Two CPU ranks sync a model into one 2-GPU (TP 2) engine over the CUDA-IPC transport's
-code path: rank r's bucket copy is entry r of each request (CPU shared memory standing in for
-CUDA IPC). argv: the stand-in's URL, the output JSON."""
+"""Two CPU ranks sync a ZeRO-3 partitioned model into one 2-GPU (TP 2) engine over the
+CUDA-IPC transport's code path: each bucket is gathered on both ranks and rank r's copy is
+entry r of each request (CPU shared memory standing in for CUDA IPC). argv: the stand-in's
+URL, the output JSON."""
 import hashlib
 import json
 import sys
@@ -19,17 +20,26 @@ def sha(t):
 
 def main():
     url, out = sys.argv[1], sys.argv[2]
-    dist.init_process_group("gloo")
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+    plain = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+    expected = {n: {"dtype": "torch.bfloat16", "shape": list(p.shape), "sha256": sha(p.to(torch.bfloat16))}
+                for n, p in plain.named_parameters()}
+    ds_config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "steps_per_print": 10**9,
+                 "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+                 "optimizer": {"type": "AdamW", "params": {"lr": 0.01, "torch_adam": True}},
+                 "zero_allow_untested_optimizer": True}
+    engine, *_ = deepspeed.initialize(model=plain, model_parameters=plain.parameters(), config=ds_config)
+    model = engine.module
+    assert all(hasattr(p, "ds_id") and p.numel() == 0 for p in model.parameters())  # partitioned, nothing local
     clients = [RolloutClient(url, retries=0)] if rank == 0 else None
     ws = WeightSync(clients, "tensor", bucket_mb=0.002, dtype="bfloat16",
                     ipc=CudaIpcTransport([EnginePlacement(0, (0, 1))]))
     stats = ws.sync(model, weight_version="7")
-    result = {"buckets": stats.buckets, "tensors": stats.tensors, "bytes": stats.bytes,
-              "expected": {n: {"dtype": "torch.bfloat16", "shape": list(p.shape), "sha256": sha(p.to(torch.bfloat16))}
-                           for n, p in model.named_parameters()}}
+    result = {"buckets": stats.buckets, "tensors": stats.tensors, "bytes": stats.bytes, "expected": expected}
     # an engine on a GPU no rank holds: the same ValueError on every rank, before any request
     bad = WeightSync(clients, "tensor", bucket_mb=1, ipc=CudaIpcTransport([EnginePlacement(0, (1, 2))]))
     try:
