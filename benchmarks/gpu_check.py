@@ -44,33 +44,36 @@ def _sha(t) -> str:
     return hashlib.sha256(t.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes()).hexdigest()
 
 
-def _time_cuda(fn, repeats: int = 5) -> float:
+def _timed(fn, device: str, repeats: int = 5) -> float:
     import torch
 
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     fn()
-    torch.cuda.synchronize()
+    sync()
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
-    torch.cuda.synchronize()
+    sync()
     return (time.perf_counter() - start) / repeats
 
 
 # ---------------------------------------------------------------- checks: each returns rows
+# (`device`/`backend` other than the defaults only for tests/test_gpu_check.py, which runs the
+# checks' code on the CPU)
 
 
-def check_logprob(rows: int = 4096, vocab: int = 151936):
+def check_logprob(rows: int = 4096, vocab: int = 151936, device: str = "cuda", backend: str = "cuda"):
     import torch
 
     from at_core.logprob import token_logprobs
 
     torch.manual_seed(0)
-    logits = (torch.randn(rows, vocab, device="cuda") * 4).to(torch.bfloat16)
-    targets = torch.randint(0, vocab, (rows,), device="cuda")
+    logits = (torch.randn(rows, vocab, device=device) * 4).to(torch.bfloat16)
+    targets = torch.randint(0, vocab, (rows,), device=device)
     t = 0.6
     ref = torch.log_softmax(logits.double() / t, -1).gather(1, targets[:, None])[:, 0]
     x = logits.clone().requires_grad_(True)
-    lp = token_logprobs(x, targets, t, backend="cuda")
+    lp = token_logprobs(x, targets, t, backend=backend)
     lp.sum().backward()
     x64 = logits.double().requires_grad_(True)
     torch.log_softmax(x64 / t, -1).gather(1, targets[:, None]).sum().backward()
@@ -78,8 +81,8 @@ def check_logprob(rows: int = 4096, vocab: int = 151936):
     err, naive_err = (lp.double() - ref).abs().max().item(), (naive.double() - ref).abs().max().item()
     grad_err = (x.grad.double() - x64.grad).abs().max().item()
     bf16_ulp = (x64.grad.abs().max().item()) * 2**-8
-    kernel_s = _time_cuda(lambda: token_logprobs(logits, targets, t, backend="cuda"))
-    copy_s = _time_cuda(lambda: logits.clone())
+    kernel_s = _timed(lambda: token_logprobs(logits, targets, t, backend=backend), device)
+    copy_s = _timed(lambda: logits.clone(), device)
     nbytes = logits.numel() * logits.element_size()
     kernel_gbs, copy_gbs = nbytes / kernel_s / 1e9, 2 * nbytes / copy_s / 1e9
     return [("logprob fwd max|err| vs fp64", err <= max(2 * naive_err, 1e-4), f"{err:.2e}",
@@ -98,7 +101,8 @@ def _ipc_child(entry: str, queue) -> None:
         queue.put(f"{type(err).__name__}: {err}")
 
 
-def check_ipc():
+def check_ipc(device: str = "cuda", rows: int = 8960):
+    import base64
     import multiprocessing as mp
 
     import torch
@@ -106,14 +110,15 @@ def check_ipc():
     from at_rollout import cuda_ipc
 
     torch.manual_seed(0)
-    named = [(f"model.layers.{i}.mlp.up_proj.weight", torch.randn(8960, 1536, device="cuda").to(torch.bfloat16))
-             for i in range(4)] + [("model.norm.weight", torch.randn(1536, device="cuda").to(torch.bfloat16))]
+    named = [(f"model.layers.{i}.mlp.up_proj.weight", torch.randn(rows, 1536, device=device).to(torch.bfloat16))
+             for i in range(4)] + [("model.norm.weight", torch.randn(1536, device=device).to(torch.bfloat16))]
     t0 = time.perf_counter()
     flat, meta = cuda_ipc.flatten(named)
-    torch.cuda.synchronize()
+    if device == "cuda":
+        torch.cuda.synchronize()
     entry = cuda_ipc.serialize(flat, meta)
     build_s = time.perf_counter() - t0
-    uuid_sent = str(torch.cuda.get_device_properties(0).uuid).encode() in __import__("base64").b64decode(entry)
+    uuid_sent = device != "cuda" or str(torch.cuda.get_device_properties(0).uuid).encode() in base64.b64decode(entry)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_ipc_child, args=(entry, queue))
@@ -126,13 +131,14 @@ def check_ipc():
     ok = got == want
     detail = "bit-identical" if ok else (got if isinstance(got, str) else "hash mismatch")
     del flat
-    torch.cuda.ipc_collect()
+    if device == "cuda":
+        torch.cuda.ipc_collect()
     return [("ipc payload rebuilt in 2nd process", ok and uuid_sent, detail,
              f"{len(named)} tensors, {sum(t.numel() for _, t in named) * 2 / 2**20:.0f} MB; device sent as UUID: "
              f"{uuid_sent}; build {build_s * 1e3:.0f} ms, child {rebuild_s:.1f} s (incl. CUDA init)")]
 
 
-def check_server_and_parity(tmp: Path):
+def check_server_and_parity(tmp: Path, device: str = "cuda", dtype: str = "bfloat16"):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -143,7 +149,7 @@ def check_server_and_parity(tmp: Path):
     from at_rollout.weight_sync import WeightSync
 
     model_dir = build_random_model(tmp / "model", size="wide")
-    trainer = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
+    trainer = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
     with torch.no_grad():  # the "policy update": every weight moves
         for p in trainer.parameters():
             p.add_(torch.randn_like(p) * 0.02)
@@ -151,7 +157,7 @@ def check_server_and_parity(tmp: Path):
     temperature = 0.8
     sp = {"max_new_tokens": 48, "temperature": temperature, "top_p": 1.0, "n": 4, "sampling_seed": 3}
     prompts = [[1, 5, 9, 11, 40], [1, 7, 7, 100], [1, 20, 21, 22, 23, 24, 25]]
-    with LocalServer(model_dir, extra_args=["--device", "cuda", "--dtype", "bfloat16"],
+    with LocalServer(model_dir, extra_args=["--device", device, "--dtype", dtype],
                      log_file=tmp / "server.log") as server:
         client = server.client(timeout_s=300)
         ws = WeightSync(client, "tensor", bucket_mb=64, timeout_s=120)
@@ -170,9 +176,9 @@ def check_server_and_parity(tmp: Path):
         with torch.no_grad():
             for s in out:
                 p = prompts[s.prompt_index]
-                ids = torch.tensor([p + s.output_ids], device="cuda")
+                ids = torch.tensor([p + s.output_ids], device=device)
                 logits = trainer(input_ids=ids).logits[0, len(p) - 1:-1]
-                mine = token_logprobs(logits, torch.tensor(s.output_ids, device="cuda"),
+                mine = token_logprobs(logits, torch.tensor(s.output_ids, device=device),
                                       logprob_temperature(temperature))
                 worst = max(worst, (mine.float().cpu() - torch.tensor(s.logprobs)).abs().max().item())
         rows.append(("rollout/trainer log-prob parity, bf16", worst <= 0.05, f"max|diff| {worst:.4f}",
