@@ -195,10 +195,7 @@ def check_zero3(sequences: int, seq_len: int):
     from at_core.config import load_config
     from at_core.plan import TRAINER_RUNTIME_GIB, Arch
 
-    os.environ.setdefault("DS_ACCELERATOR", "cuda")
-    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
-                       ("MASTER_PORT", "29577")):
-        os.environ.setdefault(key, value)
+    os.environ.setdefault("DS_ACCELERATOR", "cuda")  # measure() joins a world of one (engines.init_distributed)
     cfg = load_config(str(ROOT / "examples/configs/r1_1p5b.yaml"), ["model.dtype=bf16"])
     arch = Arch.from_config(step.DEFAULT_MODEL)
     mem_gb = torch.cuda.get_device_properties(0).total_memory / GIB
