@@ -218,6 +218,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip", nargs="*", default=[], choices=["logprob", "ipc", "server", "zero3"])
     ap.add_argument("--sequences", type=int, default=8, help="zero3: sequences per step")
     ap.add_argument("--seq-len", type=int, default=8192, help="zero3: tokens per sequence")
+    ap.add_argument("--budget-s", type=float, default=480, help="checks not started by then fail as not run")
     args = ap.parse_args(argv)
     import torch
 
@@ -229,11 +230,14 @@ def main(argv=None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     checks = [("logprob", check_logprob), ("ipc", check_ipc), ("server", lambda: check_server_and_parity(tmp)),
               ("zero3", lambda: check_zero3(args.sequences, args.seq_len))]
-    table, start = [], time.perf_counter()
+    table, start = [], time.perf_counter()  # zero3 last: it needs the most, and leaves DeepSpeed behind
     for name, fn in checks:
         if name in args.skip:
             continue
         t0 = time.perf_counter()
+        if t0 - start > args.budget_s:
+            table.append((name, False, "not run", f"the {args.budget_s:.0f} s budget was spent"))
+            continue
         try:
             rows = fn()
         except Exception as err:
