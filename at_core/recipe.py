@@ -181,7 +181,8 @@ def sglang_commands(cfg: DictConfig, engines_total: int, nodes: int, where: Any 
     per_node = max(1, engines_total // nodes)
     remote = OmegaConf.merge(ro, {"host": "0.0.0.0", "api_key": ro.api_key or "$SGLANG_API_KEY"})
     for e in range(per_node):
-        gpus = ",".join(str(g) for g in (where.engine(e).gpus if where else range(e * ro.tp_size, (e + 1) * ro.tp_size)))
+        placed = where.engine(e).gpus if where else range(e * ro.tp_size, (e + 1) * ro.tp_size)
+        gpus = ",".join(str(g) for g in placed)
         cmd = sglang_command(remote, cfg.model.path, SGLANG_BASE_PORT + e, seed=cfg.seed, dtype=dtype, python="python",
                              base_gpu_id=0)  # GPU 0 of those CUDA_VISIBLE_DEVICES shows
         out["per_node"].append(f"CUDA_VISIBLE_DEVICES={gpus} " + shlex.join(cmd).replace("'$SGLANG_API_KEY'",

@@ -87,7 +87,8 @@ def check_logprob(rows: int = 4096, vocab: int = 151936, device: str = "cuda", b
     kernel_gbs, copy_gbs = nbytes / kernel_s / 1e9, 2 * nbytes / copy_s / 1e9
     return [("logprob fwd max|err| vs fp64", err <= max(2 * naive_err, 1e-4), f"{err:.2e}",
              f"<= max(2 x naive fp32 {naive_err:.2e}, 1e-4)"),
-            ("logprob grad max|err| vs fp64", grad_err <= bf16_ulp, f"{grad_err:.2e}", f"<= 1 bf16 ulp ({bf16_ulp:.1e})"),
+            ("logprob grad max|err| vs fp64", grad_err <= bf16_ulp, f"{grad_err:.2e}",
+             f"<= 1 bf16 ulp ({bf16_ulp:.1e})"),
             ("logprob fwd GB/s (logits read)", kernel_gbs >= 0.3 * copy_gbs, f"{kernel_gbs:,.0f}",
              f">= 0.3 x copy {copy_gbs:,.0f} (read+write)")]
 
