@@ -2,8 +2,9 @@
 
 AutoThink batches mix no-think answers (tens of tokens) with think traces (thousands), so
 padding to the longest sequence wastes most of the compute; packing keeps every token
-useful. Position ids restart at 0 for each sequence, which transformers turns into a
-block-diagonal causal mask, so sequences never attend to each other.
+useful. Position ids restart at 0 for each sequence and attention runs per sequence
+(`at_core/attention.py`: the sequences' boundaries go to SDPA or flash-attention's varlen
+kernel, never a dense block-diagonal mask), so sequences never attend to each other.
 """
 from __future__ import annotations
 
