@@ -26,11 +26,10 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from at_rollout.client import Completion, RolloutClient, RolloutError
+from at_rollout.client import RolloutClient, RolloutError, Sample
 from at_rollout.process import LocalServer, ManagedServer
 from at_rollout.weight_sync import WeightSync
 
-Sample = Completion  # one generated response: output_ids, logprobs, finish_reason
 
 log = logging.getLogger(__name__)
 

@@ -14,17 +14,16 @@ import contextlib
 import json
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import requests
 import torch
 
 from . import tensor_codec
-from .protocol import (
-    FINISH_REASON_READ, META_INFO_READ, OUTPUT_READ, SAMPLING_FIELDS, SERVER_INFO_READ, SESSION_SINCE, dtype_name,
-    sent_fields,
-)
+from .protocol import SERVER_INFO_READ, SESSION_SINCE, Sample, generate_body, parse_sample, sent_fields, version_tuple
+from .tensor_codec import dtype_name
+
+__all__ = ["RolloutClient", "RolloutError", "Sample"]
 
 
 class RolloutError(RuntimeError):
@@ -39,29 +38,6 @@ class RolloutError(RuntimeError):
     def refused(self) -> bool:
         """A 4xx: the request itself is wrong and will never succeed (no retry, no restart)."""
         return self.status is not None and 400 <= self.status < 500
-
-
-@dataclass
-class Completion:
-    """One sample from /generate, prompt-major order, `n` per prompt."""
-
-    prompt_index: int
-    output_ids: list[int]
-    logprobs: Optional[list[float]]
-    finish_reason: str  # stop | length | abort
-    matched: Any = None  # the stop token id or stop string, when finish_reason == "stop"
-    text: Optional[str] = None
-    prompt_tokens: int = 0
-    meta_info: dict = field(default_factory=dict, repr=False)
-
-    @property
-    def completion_tokens(self) -> int:
-        return len(self.output_ids)
-
-    @property
-    def weight_version(self) -> Optional[str]:
-        """The version of the weights the server had when it answered (SGLang's meta_info)."""
-        return self.meta_info.get(META_INFO_READ[3])
 
 
 class RolloutClient:
@@ -142,20 +118,19 @@ class RolloutClient:
         raise RolloutError(f"{self.url}/health_generate did not answer 200 within {timeout_s:.0f}s")
 
     def model_info(self) -> dict:
-        try:
-            return self.request("GET", "/model_info").json()
-        except RolloutError as err:
-            if err.status != 404:
-                raise
-            return self.request("GET", "/get_model_info").json()  # SGLang before /model_info
+        return self._get_info("/model_info", "/get_model_info")
 
     def server_info(self) -> dict:
+        return self._get_info("/server_info", "/get_server_info")
+
+    def _get_info(self, path: str, old_path: str) -> dict:
+        """GET `path`, or SGLang's older name for it where the server answers 404."""
         try:
-            return self.request("GET", "/server_info").json()
+            return self.request("GET", path).json()
         except RolloutError as err:
             if err.status != 404:
                 raise
-            return self.request("GET", "/get_server_info").json()
+            return self.request("GET", old_path).json()
 
     def needs_weight_update_session(self) -> bool:
         """Whether updates must run between /begin_weight_update and /end_weight_update
@@ -167,8 +142,8 @@ class RolloutClient:
             if "weight_update_session" in info:
                 self._session_needed = bool(info["weight_update_session"])
             else:
-                version = _version(info.get(SERVER_INFO_READ[0]))
-                self._session_needed = version >= _version(SESSION_SINCE) if version else self._has_session_route()
+                version = version_tuple(info.get(SERVER_INFO_READ[0]))
+                self._session_needed = version >= version_tuple(SESSION_SINCE) if version else self._has_session_route()
         return self._session_needed
 
     def _has_session_route(self) -> bool:
@@ -182,26 +157,18 @@ class RolloutClient:
 
     # ---------------------------------------------------------------- generation
     def generate(self, input_ids: Sequence[Sequence[int]], sampling_params: Mapping | Sequence[Mapping],
-                 return_logprob: bool = True, timeout_s: Optional[float] = None) -> list[Completion]:
-        """A batch of prompts in one request; `n` samples per prompt come back prompt-major."""
-        for sp in sampling_params if isinstance(sampling_params, (list, tuple)) else [sampling_params]:
-            unknown = sorted(set(sp) - set(SAMPLING_FIELDS))
-            if unknown:
-                raise ValueError(f"sampling_params: unknown key(s) {unknown}; known: {sorted(SAMPLING_FIELDS)}")
-        body = {"input_ids": [list(map(int, p)) for p in input_ids], "return_logprob": return_logprob,
-                "sampling_params": list(sampling_params) if isinstance(sampling_params, (list, tuple))
-                else dict(sampling_params)}
+                 return_logprob: bool = False, timeout_s: Optional[float] = None) -> list[Sample]:
+        """A batch of prompts in one request; `n` samples per prompt come back prompt-major.
+        Per-token log-probs only with `return_logprob` (the trainer recomputes its own)."""
+        body, ns = generate_body(input_ids, sampling_params, return_logprob)
         if not body["input_ids"]:
             return []
-        sent_fields("/generate", body)
         out = self.request("POST", "/generate", body, timeout_s=timeout_s).json()
         out = out if isinstance(out, list) else [out]
-        ns = [int((sampling_params[i] if isinstance(sampling_params, (list, tuple)) else sampling_params)
-                  .get("n", 1)) for i in range(len(input_ids))]
         if len(out) != sum(ns):
             raise RolloutError(f"POST {self.url}/generate: expected {sum(ns)} samples, got {len(out)}")
         prompt_of = [i for i, n in enumerate(ns) for _ in range(n)]
-        return [_completion(o, prompt_of[k], return_logprob) for k, o in enumerate(out)]
+        return [parse_sample(o, prompt_of[k], return_logprob) for k, o in enumerate(out)]
 
     # ---------------------------------------------------------------- control
     def flush_cache(self, timeout_s: float = 60.0, interval_s: float = 0.2) -> None:
@@ -347,28 +314,3 @@ def _refused(method: str, url: str, resp: requests.Response) -> RolloutError:
     except ValueError:
         pass
     return RolloutError(f"{method} {url}: HTTP {resp.status_code}: {message}", resp.status_code, field_name)
-
-
-def _version(text: Optional[str]) -> Optional[tuple]:
-    """`0.5.15.post1` -> (0, 5, 15); None for a missing or placeholder (`0.0.0.dev0`) version."""
-    parts = []
-    for piece in str(text or "").split(".")[:3]:
-        digits = "".join(c for c in piece if c.isdigit()) if piece[:1].isdigit() else ""
-        if not digits:
-            break
-        parts.append(int(digits))
-    return tuple(parts) if len(parts) == 3 and any(parts) else None
-
-
-def _completion(out: dict, prompt_index: int, return_logprob: bool) -> Completion:
-    ids_key, meta_key, text_key = OUTPUT_READ
-    reason_key, prompt_key, logprobs_key, _ = META_INFO_READ
-    type_key, matched_key = FINISH_REASON_READ
-    meta = out.get(meta_key, {})
-    reason = meta.get(reason_key) or {}
-    lps = None
-    if return_logprob:
-        lps = [float(x[0]) for x in meta.get(logprobs_key, [])]
-    return Completion(prompt_index=prompt_index, output_ids=list(out.get(ids_key, [])), logprobs=lps,
-                      finish_reason=reason.get(type_key, "abort"), matched=reason.get(matched_key),
-                      text=out.get(text_key), prompt_tokens=int(meta.get(prompt_key, 0)), meta_info=meta)

@@ -33,7 +33,7 @@ from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-from .client import Completion, RolloutClient, RolloutError
+from .client import Sample, RolloutClient, RolloutError
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 class EnginesDown(RolloutError):
     """No engine is left alive; `done` maps group index -> samples of the groups that finished."""
 
-    def __init__(self, message: str, done: Dict[int, List[Completion]]):
+    def __init__(self, message: str, done: Dict[int, List[Sample]]):
         super().__init__(message)
         self.done = done
 
@@ -92,7 +92,7 @@ class Dispatcher:
 
     # ---------------------------------------------------------------- one step
     def generate(self, prompt_ids: Sequence[Sequence[int]], params: Mapping | Sequence[Mapping],
-                 groups: Optional[Sequence[int]] = None) -> Dict[int, List[Completion]]:
+                 groups: Optional[Sequence[int]] = None) -> Dict[int, List[Sample]]:
         """Samples of each group in `groups` (default: all prompts), by group index. `params`
         is one sampling-params dict for every group or one per prompt."""
         groups = list(range(len(prompt_ids)) if groups is None else groups)
@@ -100,7 +100,7 @@ class Dispatcher:
         per_request = self.groups_per_request or (1 if self.sglang or self.routed
                                                   else -(-len(groups) // len(self.engines)))
         queue = deque(chunk_groups(groups, per_request))
-        done: Dict[int, List[Completion]] = {}
+        done: Dict[int, List[Sample]] = {}
         inflight: Dict[Future, tuple] = {}
         load = [0] * len(self.engines)
         resubmits: Dict[int, int] = {}
@@ -171,7 +171,7 @@ class Dispatcher:
     def _probe(self, e: int) -> bool:
         return self.probes[e].health(self.probe_timeout_s)
 
-    def _request(self, e: int, prompts, params: List[Mapping], groups: List[int]) -> List[List[Completion]]:
+    def _request(self, e: int, prompts, params: List[Mapping], groups: List[int]) -> List[List[Sample]]:
         """One /generate for a chunk; the samples of each of its groups, in order."""
         client = self.engines[e]
         if not self.sglang:
@@ -189,7 +189,7 @@ class Dispatcher:
             owner = [i for i, p in enumerate(params) for _ in range(int(p.get("n", 1)))]
             for s in out:
                 s.prompt_index = owner[s.prompt_index]
-        grouped: List[List[Completion]] = [[] for _ in groups]
+        grouped: List[List[Sample]] = [[] for _ in groups]
         for s in out:
             grouped[s.prompt_index].append(s)
             s.prompt_index = groups[s.prompt_index]

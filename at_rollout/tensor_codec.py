@@ -37,6 +37,24 @@ ST_DTYPES = {
     torch.bool: "BOOL",
 }
 DTYPES = {code: dtype for dtype, code in ST_DTYPES.items()}
+
+DTYPE_NAMES = {  # SGLang's dtype strings (its /update_weights_from_distributed)
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
+    "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """SGLang's dtype strings: `torch.bfloat16` -> `bfloat16`."""
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    key = name.removeprefix("torch.")
+    if key not in DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(DTYPE_NAMES)}")
+    return DTYPE_NAMES[key]
 MAX_HEADER_BYTES = 100 << 20  # the reference implementation's own limit
 
 

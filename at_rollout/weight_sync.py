@@ -49,7 +49,7 @@ from .client import RolloutClient, RolloutError
 from .cuda_ipc import CudaIpcTransport
 from .dist_group import create_group, destroy_group, free_port
 from . import tensor_codec
-from .protocol import dtype_name, parse_dtype
+from .tensor_codec import dtype_name, parse_dtype
 
 MB = 1 << 20
 

@@ -145,7 +145,7 @@ def check_server_and_parity(tmp: Path, device: str = "cuda", dtype: str = "bfloa
 
     from at_core.logprob import token_logprobs
     from at_core.tiny import build_random_model
-    from at_rollout.generator import logprob_temperature
+    from at_rollout.server.generator import logprob_temperature
     from at_rollout.process import LocalServer
     from at_rollout.weight_sync import WeightSync
 
@@ -168,7 +168,7 @@ def check_server_and_parity(tmp: Path, device: str = "cuda", dtype: str = "bfloa
                      f"{stats.bytes / 2**20:.0f} MB in {stats.seconds:.2f} s",
                      f"{stats.buckets} buckets, {stats.bytes / stats.seconds / 1e9:.2f} GB/s"))
         t0 = time.perf_counter()
-        out = client.generate(prompts, sp)
+        out = client.generate(prompts, sp, return_logprob=True)
         gen_s = time.perf_counter() - t0
         tokens = sum(len(s.output_ids) for s in out)
         rows.append(("server on GPU: generation", tokens > 0 and all(s.weight_version == "1" for s in out),

@@ -41,7 +41,7 @@ def main() -> None:
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the server process
     from at_core.prompts import render_prompt
     from at_core.tiny import build_random_model
-    from at_rollout.generator import Generator, SamplingParams
+    from at_rollout.server.generator import Generator, SamplingParams
     from at_rollout.process import LocalServer
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_rollout_"))

@@ -187,11 +187,11 @@ def test_evaluation_reads_responses_by_the_configured_rules(tiny_model_dir):
 
     from at_core.data import Problem
     from at_core.eval import grade_samples
-    from at_rollout.client import Completion
+    from at_rollout.client import Sample
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     texts = ["</think>\n\n\\boxed{5}", "</think>\n\\boxed{5}", "Sum.\n</think>\n\nSo \\boxed 5"]
-    samples = [[Completion(0, tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id], None, "stop")
+    samples = [[Sample(0, tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id], None, "stop")
                 for t in texts]]
     problems = [Problem(problem="What is 2 + 3?", answer="5")]
     with reward("reference") as r:

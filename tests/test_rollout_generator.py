@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from at_rollout.generator import Generator, SamplingParams, SamplingParamsError, logprob_temperature
+from at_rollout.server.generator import Generator, SamplingParams, SamplingParamsError, logprob_temperature
 
 
 @pytest.fixture(scope="module")

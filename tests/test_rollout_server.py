@@ -60,14 +60,14 @@ def test_generate_speaks_sglang(server):
 def test_client_generate_and_determinism_across_merged_requests(client):
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
     sp = {"max_new_tokens": 6, "temperature": 1.0, "n": 3, "sampling_seed": 7}
-    ref = client.generate(prompts, sp)
+    ref = client.generate(prompts, sp, return_logprob=True)
     assert [c.prompt_index for c in ref] == [0, 0, 0, 1, 1, 1]
     assert all(len(c.logprobs) == len(c.output_ids) == 6 and c.finish_reason == "length" for c in ref)
     # Four identical requests at once are merged into one batch; each still gets the same samples.
     results = [None] * 4
 
     def run(i):
-        results[i] = client.generate(prompts, sp)
+        results[i] = client.generate(prompts, sp, return_logprob=True)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
     for t in threads:

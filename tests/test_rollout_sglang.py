@@ -124,7 +124,7 @@ def test_client_sends_only_the_declared_fields(stand_in):
     url, log = stand_in
     c = RolloutClient(url, api_key="k")
     out = c.generate([[1, 2], [3]], {"max_new_tokens": 4, "temperature": 0.6, "top_p": 0.95, "n": 2,
-                                     "stop": ["</answer>"], "sampling_seed": 1})
+                                     "stop": ["</answer>"], "sampling_seed": 1}, return_logprob=True)
     assert [o.prompt_index for o in out] == [0, 0, 1, 1] and out[0].weight_version == "7"
     assert out[0].logprobs == [-0.5, -0.25] and out[0].finish_reason == "stop" and out[0].matched == 6
     c.init_weights_update_group("10.0.0.1", 29500, 1, 3, backend="nccl")

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from at_core.config import load_config
-from at_rollout.client import _version
+from at_rollout.protocol import version_tuple as _version
 from at_rollout.protocol import (
     FINISH_REASON_READ, META_INFO_READ, MODEL_INFO_READ, OUTPUT_READ, SAMPLING_FIELDS, SERVER_INFO_READ,
     SESSION_ROUTES, SESSION_SINCE, SGLANG_BODYLESS, SGLANG_REQUESTS, UPDATE_ANSWER_READ,

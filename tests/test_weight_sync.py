@@ -11,7 +11,7 @@ import requests
 import torch
 
 from at_rollout.client import RolloutError
-from at_rollout.generator import logprob_temperature
+from at_rollout.server.generator import logprob_temperature
 from at_rollout.process import LocalServer
 from at_rollout import tensor_codec
 from at_rollout.weight_sync import WeightSync
@@ -59,7 +59,7 @@ def perturb(model, seed):
 def max_diff(client, model) -> float:
     """Served log-probs of served samples against the local model's recomputation."""
     worst = 0.0
-    for s in client.generate(PROMPTS, SP):
+    for s in client.generate(PROMPTS, SP, return_logprob=True):
         p = PROMPTS[s.prompt_index]
         with torch.no_grad():
             logits = model(torch.tensor([p + s.output_ids])).logits[0, len(p) - 1:-1].float()
@@ -70,7 +70,7 @@ def max_diff(client, model) -> float:
 
 
 def served(client):
-    return [(s.output_ids, s.logprobs) for s in client.generate(PROMPTS, SP)]
+    return [(s.output_ids, s.logprobs) for s in client.generate(PROMPTS, SP, return_logprob=True)]
 
 
 @pytest.mark.parametrize("method", ["tensor", "tensor-json", "distributed"])
@@ -179,7 +179,7 @@ def test_spare_storage_claims_belong_to_their_update(model):
     import threading
 
     from at_rollout.tensor_codec import TensorSpec
-    from at_rollout.weights import ServedWeights
+    from at_rollout.server.weights import ServedWeights
 
     weights = ServedWeights(model, threading.Lock())
     name = "model.norm.weight"
@@ -373,7 +373,7 @@ def test_tensor_codec_rejects_malformed_blobs(blob, message):
 def test_long_strings_are_lifted_only_when_plain():
     import json
 
-    from at_rollout.protocol import lift_long_strings
+    from at_rollout.server.models import lift_long_strings
 
     body = json.dumps({"a": "x" * 50, "b": ["y" * 50, "short", 'q\\"' + "z" * 50], "c": 'he said "hi"'}).encode()
     skeleton, lifted = lift_long_strings(body, min_len=40)

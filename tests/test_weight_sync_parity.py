@@ -43,7 +43,7 @@ def _worker(url: str, model_dir: str, out_path: str) -> None:
     from at_core.logprob import token_logprobs
     from at_core.prompts import render_prompt
     from at_rollout.client import RolloutClient
-    from at_rollout.generator import logprob_temperature
+    from at_rollout.server.generator import logprob_temperature
     from at_rollout.weight_sync import WeightSync
     from transformers import AutoTokenizer
 
@@ -72,7 +72,7 @@ def _worker(url: str, model_dir: str, out_path: str) -> None:
         engine.step()
 
     def served_vs_trainer() -> tuple[float, int]:
-        samples = [client.generate(prompts, SAMPLING)] if rank == 0 else [None]
+        samples = [client.generate(prompts, SAMPLING, return_logprob=True)] if rank == 0 else [None]
         dist.broadcast_object_list(samples, src=0)
         engine.eval()
         worst, tokens = 0.0, 0

@@ -292,7 +292,7 @@ def evaluate_base(model_dir: str | Path, n_per_tier: int = 300, style: str = "st
                   split: str = "test") -> dict:
     """Accuracy, think rate and mean response tokens per tier on held-out problems.
 
-    Samples with `at_rollout.generator.Generator` (the rollout engine), grades with
+    Samples with `at_rollout.server.generator.Generator` (the rollout engine), grades with
     `at_reward.math.grade` the text after the prompt's `<think>\\n` (so the forced prompt's
     `</think>` counts) and tells modes with `at_reward.autothink.detect_mode`. Tokens count
     the whole completion, end-of-sequence included. `temperature=0` is greedy decoding.
@@ -300,7 +300,7 @@ def evaluate_base(model_dir: str | Path, n_per_tier: int = 300, style: str = "st
     from at_core.prompts import STYLE_SUFFIX
     from at_reward.autothink import detect_mode
     from at_reward.math import grade
-    from at_rollout.generator import Generator, SamplingParams
+    from at_rollout.server.generator import Generator, SamplingParams
 
     gen = Generator.from_pretrained(model_dir, dtype="float32", device="cpu", max_batch_rows=batch_size)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, sampling_seed=seed)

@@ -25,13 +25,14 @@ from starlette.requests import ClientDisconnect
 from pydantic import ValidationError
 
 from .generator import Generator, SamplingParams
-from .protocol import (
+from .models import (
     DestroyWeightsUpdateGroupRequest, EmptyRequest, FieldError, GenerateRequest, InitWeightsUpdateGroupRequest,
     MemoryOccupationRequest, PauseRequest, SamplingParamsIn, UpdateWeightsFromDistributedRequest,
-    UpdateWeightsFromTensorRequest, UpdateWeightVersionRequest, WeightUpdateSessionRequest, dtype_name, field_error,
+    UpdateWeightsFromTensorRequest, UpdateWeightVersionRequest, WeightUpdateSessionRequest, field_error,
     lift_long_strings, sample_to_json,
 )
-from . import tensor_codec
+from .. import tensor_codec
+from ..tensor_codec import dtype_name
 from .scheduler import Scheduler
 from .weights import ServedWeights
 

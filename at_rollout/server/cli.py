@@ -109,6 +109,3 @@ def main(argv: Optional[list[str]] = None) -> int:
     uvicorn.Server(config).run(sockets=[sock])
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -82,7 +82,7 @@ class SamplingParamsError(ValueError):
 
 
 @dataclass
-class Sample:
+class GeneratedSample:
     """One generated sequence. `finish_reason` uses SGLang's shapes."""
 
     output_ids: list[int]
@@ -144,7 +144,7 @@ class Generator:
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
                  *, seed_keys: Optional[Sequence[int]] = None,
-                 should_abort: Optional[Callable[[], bool]] = None) -> list[Sample]:
+                 should_abort: Optional[Callable[[], bool]] = None) -> list[GeneratedSample]:
         """Samples for every prompt, prompt-major (`n` consecutive samples per prompt).
 
         `params` is one SamplingParams for all prompts or one per prompt. `seed_keys` (default
@@ -165,7 +165,7 @@ class Generator:
         keys = list(seed_keys) if seed_keys is not None else list(range(len(prompts)))
         if len(keys) != len(prompts):
             raise ValueError(f"got {len(keys)} seed keys for {len(prompts)} prompts")
-        results: list[Optional[list[Sample]]] = [None] * len(prompts)
+        results: list[Optional[list[GeneratedSample]]] = [None] * len(prompts)
         for wave in self._waves(plist):
             samples = self._run([prompts[i] for i in wave], [plist[i] for i in wave], [keys[i] for i in wave],
                                 should_abort)
@@ -187,7 +187,7 @@ class Generator:
             waves.append(cur)
         return waves
 
-    def _run(self, prompts, plist, keys, should_abort) -> list[list[Sample]]:
+    def _run(self, prompts, plist, keys, should_abort) -> list[list[GeneratedSample]]:
         dev = self.device
         rows = _Rows()
         expand = []
@@ -200,7 +200,7 @@ class Generator:
                 rows.limit.append(min(p.max_new_tokens, self.context_len - len(prompt)))
                 expand.append(k)
         n_rows = len(rows.params)
-        samples_out: list[list[Optional[Sample]]] = [[None] * p.n for p in plist]
+        samples_out: list[list[Optional[GeneratedSample]]] = [[None] * p.n for p in plist]
 
         # Prefill every prompt once (left padded), then repeat its cache for its n rows.
         from transformers import DynamicCache
@@ -338,7 +338,7 @@ class Generator:
                 matched = finish[r].get("matched")
                 if isinstance(matched, str) and not p.no_stop_trim and matched in text:
                     text = text[: text.index(matched)]
-            samples_out[k][rows.sample[r]] = Sample(
+            samples_out[k][rows.sample[r]] = GeneratedSample(
                 output_ids=ids, logprobs=lps[start:start + cnt], finish_reason=finish[r],
                 prompt_tokens=len(prompts[k]), text=text, prompt_index=rows.key[r], sample_index=rows.sample[r],
             )

@@ -14,7 +14,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .generator import Generator, Sample, SamplingParams
+from .generator import Generator, GeneratedSample, SamplingParams
 
 log = logging.getLogger("at_rollout.scheduler")
 
@@ -26,8 +26,8 @@ class Job:
     future: Future = field(default_factory=Future)
 
 
-def aborted_samples(job: Job, message: str) -> list[Sample]:
-    return [Sample(output_ids=[], logprobs=[], finish_reason={"type": "abort", "message": message},
+def aborted_samples(job: Job, message: str) -> list[GeneratedSample]:
+    return [GeneratedSample(output_ids=[], logprobs=[], finish_reason={"type": "abort", "message": message},
                    prompt_tokens=len(p), text="", prompt_index=i, sample_index=j)
             for i, (p, sp) in enumerate(zip(job.prompts, job.params)) for j in range(sp.n)]
 

@@ -13,8 +13,9 @@ from typing import Dict, Mapping, Optional
 
 import torch
 
-from .dist_group import create_group, destroy_group
-from .protocol import FieldError, dtype_name, parse_dtype
+from ..dist_group import create_group, destroy_group
+from ..tensor_codec import dtype_name, parse_dtype
+from .models import FieldError
 
 
 class ServedWeights:
