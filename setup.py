@@ -40,6 +40,8 @@ setup(
         # The releases tests/test_sglang_contract.py checks the client against (at_rollout/sglang.py).
         "sglang": ["sglang[all]>=0.5.15.post1,<=0.5.23"],
         "gpu": ["flash-attn>=2.6", "liger-kernel>=0.5"],
+        # benchmarks/vs_trl.py only (TRL's GRPOTrainer as the peer); never imported by the package.
+        "bench": ["trl==1.16.0"],
     },
     entry_points={
         "console_scripts": [
