@@ -30,28 +30,57 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
                                       **kwargs)
     if query.shape[0] != 1:
         raise ValueError("packed attention expects a batch of one packed row")
-    gather, keep = _padded_index(cu_seq_lens_q)
+    lens = (cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).tolist()
+    drop = dropout if module.training else 0.0
+    out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [T, H, D]
+    parts = []
+    for seqs in _length_buckets(lens):
+        starts = [int(cu_seq_lens_q[i]) for i in seqs]
+        width = max(lens[i] for i in seqs)
+        keep = torch.cat([torch.arange(k * width, k * width + lens[i]) for k, i in enumerate(seqs)]).to(query.device)
+        where = torch.cat([torch.arange(s, s + lens[i]) for s, i in zip(starts, seqs)]).to(query.device)
 
-    def padded(x):  # [1, H, T, D] -> [S, H, L, D]
-        return x[0][:, gather].transpose(0, 1)
+        def padded(x):  # [1, H, T, D] -> [S, H, L, D], zeros after each sequence's tokens
+            rows = x.new_zeros(x.shape[1], len(seqs) * width, x.shape[3])
+            src = x[0] if len(seqs) == len(lens) else x[0].index_select(1, where)  # one bucket: all, in order
+            rows = rows.index_copy(1, keep, src)
+            return rows.view(x.shape[1], len(seqs), width, x.shape[3]).transpose(0, 1)
 
-    out = F.scaled_dot_product_attention(padded(query), padded(key), padded(value), is_causal=True, scale=scaling,
-                                         dropout_p=dropout if module.training else 0.0, enable_gqa=True)
-    out = out.transpose(1, 2).reshape(-1, out.shape[1], out.shape[3])  # [S * L, H, D]
-    return out.index_select(0, keep)[None], None
+        o = F.scaled_dot_product_attention(padded(query), padded(key), padded(value), is_causal=True, scale=scaling,
+                                           dropout_p=drop, enable_gqa=True)
+        parts.append((where, o.transpose(1, 2).reshape(-1, o.shape[1], o.shape[3]).index_select(0, keep)))
+    if len(parts) == 1 and parts[0][0].numel() == out.shape[0]:
+        return parts[0][1][None], None  # one bucket: its tokens are already in packed order
+    out = out.index_copy(0, torch.cat([w for w, _ in parts]), torch.cat([o for _, o in parts]))
+    return out[None], None
 
 
-def _padded_index(cu_seq_lens: torch.Tensor):
-    """`gather` [S, L]: the packed position of each padded slot (a pad repeats its sequence's
-    last token, so every row stays finite); `keep` [T]: each packed token's padded slot."""
-    cu = cu_seq_lens.to(torch.long)
-    lens = cu[1:] - cu[:-1]
-    width = int(lens.max()) if lens.numel() else 0
-    col = torch.arange(width, device=cu.device)
-    gather = cu[:-1, None] + torch.minimum(col[None], (lens - 1).clamp(min=0)[:, None])
-    keep = (torch.arange(len(lens), device=cu.device) * width).repeat_interleave(lens)
-    keep = keep + torch.arange(int(cu[-1]), device=cu.device) - cu[:-1].repeat_interleave(lens)
-    return gather, keep
+def _length_buckets(lens: list[int], max_buckets: int = 3) -> list[list[int]]:
+    """Sequence indices grouped so that padding each group to its longest costs little.
+
+    Attention over a padded group costs ~ count x longest^2; RL batches are often bimodal
+    (short answers and long traces), where one group would pad the short ones several times
+    over. Sorted by length, the groups are cut where the padded cost drops the most (greedy,
+    at most `max_buckets` calls); sequences keep their order inside a group.
+    """
+    order = sorted(range(len(lens)), key=lambda i: (lens[i], i))
+    cuts = [0, len(order)]
+
+    def cost(a, b):
+        return (b - a) * lens[order[b - 1]] ** 2 if b > a else 0
+
+    while len(cuts) - 1 < max_buckets:
+        best, gain = None, 0
+        for j in range(len(cuts) - 1):
+            a, b = cuts[j], cuts[j + 1]
+            for c in range(a + 1, b):
+                g = cost(a, b) - cost(a, c) - cost(c, b)
+                if g > gain:
+                    best, gain = c, g
+        if best is None or gain < 0.1 * sum(cost(cuts[j], cuts[j + 1]) for j in range(len(cuts) - 1)):
+            break
+        cuts = sorted(cuts + [best])
+    return [sorted(order[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
 
 
 AttentionInterface.register(PACKED_SDPA, packed_sdpa_forward)
