@@ -251,6 +251,7 @@ def validate(cfg: DictConfig) -> None:
     """Checks the schema cannot express: enumerations and ranges."""
     from at_core.algorithms import ADVANTAGES, LOSS_AGGS, POLICY_LOSSES
     from at_reward.rules import RULES
+    from at_rollout.backends import BACKENDS
 
     choices = {
         "model.dtype": ("auto", "fp32", "bf16"),
@@ -261,7 +262,7 @@ def validate(cfg: DictConfig) -> None:
         "algorithm.policy_loss": tuple(sorted(POLICY_LOSSES)),
         "algorithm.loss_agg": tuple(sorted(LOSS_AGGS)),
         "algorithm.kl_estimator": ("k1", "k3", "low_var_kl"),
-        "rollout.backend": ("server", "sglang"),
+        "rollout.backend": tuple(BACKENDS),
         "rollout.sync_method": ("tensor", "distributed"),
     }
     for key, allowed in choices.items():

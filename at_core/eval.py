@@ -243,7 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--group-by", default="", help="comma-separated data-row fields to report by, e.g. difficulty")
     ap.add_argument("--resume", action="store_true", help="continue <out>/generations.jsonl (same settings only)")
     ap.add_argument("--overwrite", action="store_true", help="start over, replacing <out>/generations.jsonl")
-    ap.add_argument("--backend", default="server", choices=("server", "sglang"),
+    from at_rollout.backends import BACKENDS
+
+    ap.add_argument("--backend", default="server", choices=tuple(BACKENDS),
                     help="which server to launch when no --url is given")
     ap.add_argument("--url", action="append", default=[], help="already-running server(s) to use instead")
     ap.add_argument("--api-key", default=None)
@@ -278,7 +280,7 @@ def _generate_missing(args, labelled, rows, log, settings: EvalSettings) -> None
         overrides.append(f"rollout.api_key={args.api_key}")
     cfg = load_config(overrides=overrides)
     workers = RolloutWorkers(cfg.rollout, args.model, args.out, rank=0, seed=args.seed)
-    inflight = args.inflight or (2 if args.backend == "sglang" else 1)
+    inflight = args.inflight or (2 if workers.backend.continuous_batching else 1)
 
     def request(idx, ids, params):
         return idx, workers.generate(ids, params, None)

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from at_rollout.weight_sync import gathered
+from at_core.zero import gathered
 
 
 def _rank() -> int:

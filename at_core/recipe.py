@@ -165,26 +165,27 @@ def sglang_commands(cfg: DictConfig, engines_total: int, nodes: int, where: Any 
     `at_rollout.placement.Placement`) puts each engine on its GPUs; by default engine e of a
     node takes GPUs e*tp .. e*tp+tp-1.
     """
-    from at_rollout.sglang import check_rollout_config, sglang_command
+    from at_rollout.backends import get_backend
 
     ro = cfg.rollout
+    backend = get_backend(ro.backend)
     dtype = "float32" if cfg.model.dtype == "fp32" else "bfloat16"
     out: Dict[str, Any] = {"engines_planned": engines_total, "tp_size": ro.tp_size, "urls": list(ro.urls),
-                           "trainer_launch": None, "per_node": [], "urls_override": None}
+                           "trainer_launch": None, "per_node": [], "urls_override": None,
+                           "backend": backend.description}
     if ro.urls:
         out["weight_sync_world"] = 1 + ro.tp_size * len(ro.urls)
         return out
-    if ro.backend == "sglang":
-        check_rollout_config(ro)
-        out["trainer_launch"] = sglang_command(ro, cfg.model.path, ro.port or SGLANG_BASE_PORT, seed=cfg.seed,
-                                               dtype=dtype, base_gpu_id=where.launched.gpus[0] if where else None)
+    backend.check_config(ro)
+    out["trainer_launch"] = backend.launch_command(ro, cfg.model.path, ro.port or SGLANG_BASE_PORT, seed=cfg.seed,
+                                                   dtype=dtype, base_gpu_id=where.launched.gpus[0] if where else None)
     per_node = max(1, engines_total // nodes)
     remote = OmegaConf.merge(ro, {"host": "0.0.0.0", "api_key": ro.api_key or "$SGLANG_API_KEY"})
     for e in range(per_node):
         placed = where.engine(e).gpus if where else range(e * ro.tp_size, (e + 1) * ro.tp_size)
         gpus = ",".join(str(g) for g in placed)
-        cmd = sglang_command(remote, cfg.model.path, SGLANG_BASE_PORT + e, seed=cfg.seed, dtype=dtype, python="python",
-                             base_gpu_id=0)  # GPU 0 of those CUDA_VISIBLE_DEVICES shows
+        cmd = backend.launch_command(remote, cfg.model.path, SGLANG_BASE_PORT + e, seed=cfg.seed, dtype=dtype,
+                                     python="python", base_gpu_id=0)  # GPU 0 of those CUDA_VISIBLE_DEVICES shows
         out["per_node"].append(f"CUDA_VISIBLE_DEVICES={gpus} " + shlex.join(cmd).replace("'$SGLANG_API_KEY'",
                                                                                            "$SGLANG_API_KEY"))
     urls = [f"http://node{n}:{SGLANG_BASE_PORT + e}" for n in range(nodes) for e in range(per_node)]
@@ -270,11 +271,8 @@ def _format_dry_run(cfg: DictConfig, r: Dict[str, Any], worst_table: str) -> str
                      f"{sync}); the plan assumes "
                      f"{sg['engines_planned']} engines")
     else:
-        if sg["trainer_launch"]:
-            lines += ["SGLang the trainer launches on rank 0's node (one engine; the port is picked at launch):",
-                      "  " + shlex.join(sg["trainer_launch"])]
-        else:
-            lines.append(f"rollout: the project's own server ({cfg.rollout.backend}), launched by rank 0")
+        lines += [f"{sg['backend']} the trainer launches on rank 0's node (one engine; the port is picked at launch):",
+                  "  " + shlex.join(sg["trainer_launch"])]
         lines += [f"the plan counts {sg['engines_planned']} engines of tp {sg['tp_size']}: to serve with all of them, "
                   f"start on every node:"] + [f"  {c}" for c in sg["per_node"]]
         lines += [f"and pass (node names from your hostfile): {sg['urls_override']}"]

@@ -26,9 +26,12 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch.distributed as dist
 from omegaconf import DictConfig
 
+from at_rollout.backends import get_backend
 from at_rollout.client import RolloutClient, RolloutError, Sample
-from at_rollout.process import LocalServer, ManagedServer
+from at_rollout.process import ManagedServer
 from at_rollout.weight_sync import WeightSync
+
+__all__ = ["RolloutWorkers", "Sample", "broadcast_from_rank0"]
 
 
 log = logging.getLogger(__name__)
@@ -46,6 +49,7 @@ def broadcast_from_rank0(obj: Any) -> Any:
 class RolloutWorkers:
     def __init__(self, rcfg: DictConfig, model_path: str, out_dir: str | Path, rank: int, seed: int = 0):
         self.cfg = rcfg
+        self.backend = get_backend(rcfg.backend)  # everything engine-specific is asked of it
         self.model_path = model_path
         self.out_dir = Path(out_dir)
         self.rank = rank
@@ -69,46 +73,31 @@ class RolloutWorkers:
             except RolloutError as err:
                 error = (str(err), err.status)
         _raise_agreed(broadcast_from_rank0(error))
-        self.weight_sync = WeightSync(
-            self.clients if self.rank == 0 else None,
-            self.cfg.sync_method,
-            self.cfg.sync_bucket_mb,
-            engine_ranks=self.cfg.tp_size,
-            timeout_s=self.cfg.request_timeout_s,
-            ipc=self._ipc_transport(),
-        )
         if module is not None:
             self.sync(module, weight_version)
 
-    def _ipc_transport(self):
-        """Colocated SGLang takes CUDA IPC handles from the trainer ranks on its GPUs (all ranks
-        build it alike: the engine count comes from rank 0)."""
-        if not (self.cfg.backend == "sglang" and self.cfg.colocate and self.cfg.sync_method == "tensor"):
-            return None
-        from at_rollout.cuda_ipc import CudaIpcTransport
-        from at_rollout.placement import runtime_ipc_placements
-
-        engines = broadcast_from_rank0(len(self.clients))
-        return CudaIpcTransport(runtime_ipc_placements(self.cfg, engines))
+    def _weight_sync(self) -> WeightSync:
+        """Built at the first sync (collective), with the transport the backend picks: serving a
+        directory's own weights (evaluation) needs none, whatever rollout.sync_method says."""
+        if self.weight_sync is None:
+            engines = broadcast_from_rank0(len(self.clients))  # every rank builds the transport alike
+            self.weight_sync = WeightSync(self.clients if self.rank == 0 else None,
+                                          self.backend.transport(self.cfg, engines), self.cfg.sync_bucket_mb,
+                                          timeout_s=self.cfg.request_timeout_s)
+        return self.weight_sync
 
     def _launch(self) -> None:
-        kw = dict(timeout_s=self.cfg.request_timeout_s, retries=self.cfg.retries)
+        kw = dict(api_key=self.cfg.api_key, timeout_s=self.cfg.request_timeout_s, retries=self.cfg.retries)
         if self.cfg.urls:
-            self.clients = [RolloutClient(u, api_key=self.cfg.api_key, **kw) for u in self.cfg.urls]
+            self.clients = [self.backend.client(u, **kw) for u in self.cfg.urls]
             for c in self.clients:
                 c.wait_for_health(self.cfg.startup_timeout_s)
             return
-        log_file = self.out_dir / "rollout_server.log"
-        if self.cfg.backend == "sglang":
-            from at_rollout.sglang import SGLangServer
-
-            server: ManagedServer = SGLangServer(self.cfg, self.model_path, seed=self.seed, log_file=log_file)
-        else:
-            server = LocalServer(self.model_path, host=self.cfg.host, port=self.cfg.port, api_key=self.cfg.api_key,
-                                 log_file=log_file, startup_timeout_s=self.cfg.startup_timeout_s)
+        server = self.backend.server(self.cfg, self.model_path, seed=self.seed,
+                                     log_file=self.out_dir / "rollout_server.log")
         server.start()
         self.servers = [server]
-        self.clients = [server.client(**kw)]
+        self.clients = [self.backend.client(server.url, **kw)]
 
     def close(self) -> None:
         if self.weight_sync is not None:
@@ -118,17 +107,14 @@ class RolloutWorkers:
 
     # ---------------------------------------------------------------- colocated mode
     def release(self) -> None:
-        """Colocated SGLang: free the engine's weights and KV cache for the update (rank 0)."""
-        if self.cfg.colocate and self.rank == 0:
-            for c in self.clients:
-                c.flush_cache()
-                c.release_memory_occupation()
+        """Colocated engines free their weights and KV cache for the update (rank 0)."""
+        if self.rank == 0:
+            self.backend.release(self.cfg, self.clients)
 
     def resume(self) -> None:
-        """Colocated SGLang: take the memory back before the new weights arrive (rank 0)."""
-        if self.cfg.colocate and self.rank == 0:
-            for c in self.clients:
-                c.resume_memory_occupation()
+        """Colocated engines take the memory back before the new weights arrive (rank 0)."""
+        if self.rank == 0:
+            self.backend.resume(self.cfg, self.clients)
 
     # ---------------------------------------------------------------- the two operations
     def sync(self, module, weight_version: Optional[int] = None) -> None:
@@ -138,7 +124,7 @@ class RolloutWorkers:
             weight_version = 0 if self.weight_version is None else self.weight_version + 1
         for attempt in range(self.cfg.retries + 1):
             try:
-                self.weight_sync.sync(module, weight_version=str(weight_version))
+                self._weight_sync().sync(module, weight_version=str(weight_version))
                 self.weight_version = int(weight_version)
                 return
             except RolloutError as err:  # raised on every rank together, with the same status
@@ -199,8 +185,8 @@ class RolloutWorkers:
         went down are kept for the next attempt, which (after restart and re-sync) sends the rest."""
         from at_rollout.dispatch import Dispatcher, EnginesDown
 
-        router = RolloutClient(self.cfg.router_url, api_key=self.cfg.api_key) if self.cfg.router_url else None
-        self._dispatcher = Dispatcher(self.clients, sglang=self.cfg.backend == "sglang", router=router,
+        router = self.backend.client(self.cfg.router_url, api_key=self.cfg.api_key) if self.cfg.router_url else None
+        self._dispatcher = Dispatcher(self.clients, backend=self.backend, router=router,
                                       groups_per_request=self.cfg.groups_per_request,
                                       max_in_flight_groups=self.cfg.max_in_flight_groups)
         todo = [g for g in range(len(prompt_ids)) if g not in self._partial]
@@ -227,7 +213,8 @@ class RolloutWorkers:
                 for s in self.servers:
                     if not s.alive():
                         s.restart()
-                self.weight_sync.reconnect()
+                if self.weight_sync is not None:
+                    self.weight_sync.reconnect()
             except RolloutError as err:
                 failed = (str(err), err.status)
             time.sleep(0.5)

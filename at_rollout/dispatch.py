@@ -5,7 +5,7 @@ slowest shard the step's length and outlives any read timeout. Instead a step is
 chunks of `groups_per_request` prompt groups (a group: one prompt, its n samples); each
 engine holds at most `max_in_flight_groups` groups, and the next chunk goes to the live
 engine with the fewest groups outstanding, so the engines that finish early take the rest
-of the queue. `groups_per_request=0` (auto) is 1 for SGLang, which batches continuously (a
+of the queue. `groups_per_request=0` (auto) is 1 for a backend that batches continuously (SGLang) (a
 finished group frees its slot at once), and an engine's whole share for our server, which
 runs each merged call to its longest row: there many small requests only cost more calls
 (docs/benchmarks.md, "Rollout dispatch").
@@ -58,10 +58,11 @@ def chunk_groups(groups: Sequence[int], per_request: int) -> List[List[int]]:
 
 
 class Dispatcher:
-    """Generation over several engines (or one router). `sglang`: expand each group into n
-    one-sample entries with their own seeds (SGLang seeds a request's n samples alike)."""
+    """Generation over several engines (or one router) of one `backend` (default: our server).
+    A backend that `seeds_samples_alike` (SGLang) gets each group as n one-sample entries with
+    seeds of their own; one with `continuous_batching` gets one group per request by default."""
 
-    def __init__(self, clients: Sequence[RolloutClient], *, sglang: bool = False, groups_per_request: int = 1,
+    def __init__(self, clients: Sequence[RolloutClient], *, backend=None, groups_per_request: int = 1,
                  max_in_flight_groups: int = 32, probe_interval_s: float = 10.0, probe_timeout_s: float = 30.0,
                  probe_failures: int = 2, max_resubmits: int = 3, router: Optional[RolloutClient] = None):
         if not clients and router is None:
@@ -70,7 +71,11 @@ class Dispatcher:
         # client: the dispatcher decides where a failed chunk goes.
         self.engines = [_generation_client(c) for c in ([router] if router is not None else clients)]
         self.probes = [router] if router is not None else list(clients)
-        self.sglang = sglang
+        if backend is None:
+            from .backends import get_backend
+
+            backend = get_backend("server")
+        self.backend = backend
         self.routed = router is not None
         self.groups_per_request = int(groups_per_request)  # 0: auto (see the module's docstring)
         self.cap = 10**9 if router is not None else max(1, int(max_in_flight_groups))
@@ -97,7 +102,7 @@ class Dispatcher:
         is one sampling-params dict for every group or one per prompt."""
         groups = list(range(len(prompt_ids)) if groups is None else groups)
         per_group = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompt_ids)
-        per_request = self.groups_per_request or (1 if self.sglang or self.routed
+        per_request = self.groups_per_request or (1 if self.backend.continuous_batching or self.routed
                                                   else -(-len(groups) // len(self.engines)))
         queue = deque(chunk_groups(groups, per_request))
         done: Dict[int, List[Sample]] = {}
@@ -174,7 +179,7 @@ class Dispatcher:
     def _request(self, e: int, prompts, params: List[Mapping], groups: List[int]) -> List[List[Sample]]:
         """One /generate for a chunk; the samples of each of its groups, in order."""
         client = self.engines[e]
-        if not self.sglang:
+        if not self.backend.seeds_samples_alike:
             sp = [_seeded(p, group_seed(p["sampling_seed"], g) if p.get("sampling_seed") is not None else None)
                   for p, g in zip(params, groups)]
             out = client.generate(prompts, sp)

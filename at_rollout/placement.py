@@ -1,10 +1,11 @@
 """Where each rollout engine runs and how the weights reach it, decided from the config alone.
 
-The rules are the ones verl and slime follow:
+The rules are the ones verl and slime follow (each backend's `transport_name` says which
+transport follows, or why none can work):
 
 - SGLang colocated (`rollout.colocate: true`): engine TP rank i runs on the GPU of a trainer
   rank, and the weights go as CUDA IPC handles through `/update_weights_from_tensor`
-  (`sync_method: tensor`, `cuda_ipc.py`). NCCL cannot be used: a group holding the same GPU
+  (`sync_method: tensor`, `transports/cuda_ipc.py`). NCCL cannot be used: a group holding the same GPU
   twice is refused ("Duplicate GPU detected").
 - SGLang on GPUs of its own: the trainer's rank 0 broadcasts over NCCL
   (`sync_method: distributed`); IPC handles would point at GPUs the engine does not see.
@@ -21,11 +22,9 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .cuda_ipc import EnginePlacement
-
-
-def _get(cfg: Any, key: str, default=None):
-    return cfg.get(key, default) if isinstance(cfg, dict) else getattr(cfg, key, default)
+from .backends import get_backend
+from .backends.base import get as _get
+from .transports.cuda_ipc import EnginePlacement
 
 
 @dataclass(frozen=True)
@@ -34,7 +33,7 @@ class Placement:
 
     backend: str
     colocate: bool
-    sync: str  # cuda_ipc | http_tensor | nccl_broadcast
+    sync: str  # the weight transport (at_rollout.transports.TRANSPORTS): cuda_ipc | http_tensor | nccl_broadcast
     tp_size: int
     nodes: int
     gpus_per_node: int
@@ -72,21 +71,13 @@ def resolve(rollout: Any, *, nodes: int, gpus_per_node: int, rollout_gpus: Optio
     Raises ValueError naming the keys when the placement cannot work.
     """
     backend = _get(rollout, "backend", "server")
-    method = _get(rollout, "sync_method", "tensor")
     colocate = bool(_get(rollout, "colocate", False))
     tp = int(_get(rollout, "tp_size", 1))
     base = _get(rollout, "base_gpu_id")
     urls = list(_get(rollout, "urls", None) or [])
     if tp < 1 or tp > gpus_per_node or gpus_per_node % tp:
         raise ValueError(f"rollout.tp_size={tp} must divide the {gpus_per_node} GPUs of a node (cluster.gpus_per_node)")
-    if backend == "sglang" and colocate and method == "distributed":
-        raise ValueError("rollout.colocate=true with rollout.sync_method=distributed cannot work: the engine shares "
-                         "the trainer's GPUs and NCCL refuses a group holding the same GPU twice; colocated SGLang "
-                         "takes rollout.sync_method=tensor (CUDA IPC handles)")
-    if backend == "sglang" and not colocate and method == "tensor":
-        raise ValueError("rollout.sync_method=tensor with rollout.backend=sglang needs rollout.colocate=true: its "
-                         "tensor path takes CUDA IPC handles to the trainer's GPUs; engines on GPUs of their own "
-                         "take rollout.sync_method=distributed (NCCL)")
+    sync = get_backend(backend).transport_name(rollout)  # raises naming the keys if none can work
     total = nodes * gpus_per_node
     if colocate:
         trainer_per_node, engines_per_node = gpus_per_node, gpus_per_node // tp
@@ -108,8 +99,6 @@ def resolve(rollout: Any, *, nodes: int, gpus_per_node: int, rollout_gpus: Optio
         have = f"{total} GPUs (cluster.nodes x cluster.gpus_per_node)" if colocate else f"{rollout_gpus} rollout GPUs"
         raise ValueError(f"rollout.urls lists {len(urls)} engines of rollout.tp_size={tp}, {len(urls) * tp} GPUs; "
                          f"the cluster has {have}")
-    sync = "cuda_ipc" if backend == "sglang" and colocate else (
-        "nccl_broadcast" if method == "distributed" else "http_tensor")
     return Placement(backend, colocate, sync, tp, nodes, gpus_per_node, trainer_per_node, engines_per_node,
                      EnginePlacement(0, tuple(range(first, first + tp))))
 

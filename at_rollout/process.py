@@ -1,4 +1,4 @@
-"""Start, watch, restart and stop a rollout server process (ours, or SGLang via `sglang.py`).
+"""Start, watch, restart and stop a rollout server process (each backend's `ManagedServer`).
 
 The server runs in its own process group with its output in a log file; a failed start
 raises with the tail of that log. Servers are stopped at interpreter exit, and our own
@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import atexit
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import weakref
@@ -161,45 +159,3 @@ class ManagedServer:
 
     def __exit__(self, *exc):
         self.stop()
-
-
-class LocalServer(ManagedServer):
-    """The project's own server: `python -m at_rollout.server`."""
-
-    name = "at_rollout.server"
-
-    def __init__(self, model_path: str | Path, host: str = "127.0.0.1", port: int = 0,
-                 extra_args: Sequence[str] = (), log_file: Optional[str | Path] = None, api_key: Optional[str] = None,
-                 startup_timeout_s: float = 300.0, env: Optional[dict] = None, python: str = sys.executable):
-        super().__init__(host, port, api_key, log_file, startup_timeout_s, env)
-        self.model_path = str(model_path)
-        self.extra_args = list(extra_args)
-        self.python = python
-        self._port_file: Optional[Path] = None
-
-    def _resolve_port(self):
-        # Port 0: the server binds a free port itself and writes it to a file (no race). A restart
-        # asks for the same port again so the trainer's URL stays valid.
-        self._port_file = Path(tempfile.mkdtemp(prefix="at_rollout_port_")) / "port"
-
-    def child_env(self) -> dict:
-        env = super().child_env()
-        if self.api_key:
-            env["AT_ROLLOUT_API_KEY"] = self.api_key  # not on the command line, where `ps` shows it
-        return env
-
-    def command(self) -> list[str]:
-        cmd = [self.python, "-m", "at_rollout.server", "--model-path", self.model_path, "--host", self.host,
-               "--port", str(self.port), "--port-file", str(self._port_file), "--parent-pid", str(os.getpid())]
-        return cmd + self.extra_args
-
-    def _after_spawn(self, deadline: float):
-        while time.monotonic() < deadline:
-            if self._port_file.is_file():
-                self.port = int(self._port_file.read_text())
-                shutil.rmtree(self._port_file.parent, ignore_errors=True)
-                return
-            if self.proc.poll() is not None:
-                raise RolloutError(f"server process exited with code {self.proc.returncode}")
-            time.sleep(0.1)
-        raise RolloutError("server did not bind a port in time")

@@ -59,7 +59,7 @@ def main() -> int:
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the servers
     from at_core.tiny import build_random_model
     from at_rollout.dispatch import Dispatcher
-    from at_rollout.process import LocalServer
+    from at_rollout.backends.own_server import LocalServer
 
     model_dir = build_random_model(Path(tempfile.mkdtemp(prefix="bench_dispatch_")) / "model", size=args.size)
     servers = [LocalServer(model_dir, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)}).start()

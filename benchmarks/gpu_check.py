@@ -9,7 +9,7 @@ and our server's packages carried as wheels; no SGLang, no flash-attn. Checks, i
 - logprob: the CUDA log-prob kernel (`at_core.logprob`, backend cuda) against naive PyTorch
   at [4096, 151936] bf16: forward and gradient errors against float64, GB/s of the forward
   against a device-to-device copy of the logits;
-- ipc: the CUDA-IPC payload (`at_rollout.cuda_ipc`) built from this process's CUDA tensors
+- ipc: the CUDA-IPC payload (`at_rollout.transports.cuda_ipc`) built from this process's CUDA tensors
   and rebuilt in a second process as SGLang does (UUID device, flattened bucket), bit for bit;
 - server: our server on this GPU (bf16), colocated with a trainer copy of the model here;
   the trainer's weights changed and synced into it over HTTP (tensor path); then
@@ -95,7 +95,7 @@ def check_logprob(rows: int = 4096, vocab: int = 151936, device: str = "cuda", b
 
 def _ipc_child(entry: str, queue) -> None:
     try:
-        from at_rollout import cuda_ipc
+        from at_rollout.transports import cuda_ipc
 
         queue.put({n: _sha(t) for n, t in cuda_ipc.decode(entry)})
     except Exception as err:  # reported by the parent
@@ -108,7 +108,7 @@ def check_ipc(device: str = "cuda", rows: int = 8960):
 
     import torch
 
-    from at_rollout import cuda_ipc
+    from at_rollout.transports import cuda_ipc
 
     torch.manual_seed(0)
     named = [(f"model.layers.{i}.mlp.up_proj.weight", torch.randn(rows, 1536, device=device).to(torch.bfloat16))
@@ -146,7 +146,7 @@ def check_server_and_parity(tmp: Path, device: str = "cuda", dtype: str = "bfloa
     from at_core.logprob import token_logprobs
     from at_core.tiny import build_random_model
     from at_rollout.server.generator import logprob_temperature
-    from at_rollout.process import LocalServer
+    from at_rollout.backends.own_server import LocalServer
     from at_rollout.weight_sync import WeightSync
 
     model_dir = build_random_model(tmp / "model", size="wide")

@@ -42,7 +42,7 @@ def main() -> None:
     from at_core.prompts import render_prompt
     from at_core.tiny import build_random_model
     from at_rollout.server.generator import Generator, SamplingParams
-    from at_rollout.process import LocalServer
+    from at_rollout.backends.own_server import LocalServer
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_rollout_"))
     model_dir = build_random_model(tmp / "model", size=args.size)

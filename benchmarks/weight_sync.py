@@ -128,7 +128,7 @@ def main() -> None:
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the server and helper processes
 
     from at_rollout.dist_group import create_group, free_port
-    from at_rollout.process import LocalServer
+    from at_rollout.backends.own_server import LocalServer
     from at_rollout.weight_sync import WeightSync
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_ws_"))

@@ -150,7 +150,7 @@ def main(argv: list[str]) -> int:
         deserialize, tb = load_sglang(wheel)
         spec = json.loads(open(entries_file).read())
         out = {"sglang": [digest(rebuild(deserialize, tb, e, spec["load_format"])) for e in spec["sglang"]]}
-        from at_rollout import cuda_ipc
+        from at_rollout.transports import cuda_ipc
 
         out["ours"] = [digest(cuda_ipc.decode(e)) for e in spec["ours"]]  # a handle opens once: entries of its own
         with open(out_file, "w") as f:

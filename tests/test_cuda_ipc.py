@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from at_rollout import cuda_ipc
+from at_rollout.transports import cuda_ipc
 from helpers import ROOT, free_port
 from sglang_side import SUPPORTED, wheel_source
 
@@ -167,7 +167,7 @@ def test_the_trainer_picks_the_ipc_transport_for_colocated_sglang(standin, tiny_
     workers = RolloutWorkers(cfg.rollout, str(tiny_model_dir), tmp_path, rank=0)
     try:
         workers.start(model, weight_version=3)
-        assert workers.weight_sync.ipc is not None
+        assert isinstance(workers.weight_sync.transport, cuda_ipc.CudaIpcTransport)
         served = requests.get(f"{standin}/standin/weights", timeout=10).json()
         assert served["weights"] == digest(list(model.named_parameters())) and served["weight_version"] == "3"
     finally:

@@ -8,8 +8,9 @@ import pytest
 from at_core.config import load_config
 from at_core.rollout import RolloutWorkers
 from at_rollout.client import RolloutClient, RolloutError
+from at_rollout.backends import get_backend
 from at_rollout.dispatch import Dispatcher, EnginesDown, chunk_groups, group_seed
-from at_rollout.process import LocalServer
+from at_rollout.backends.own_server import LocalServer
 
 PROMPTS = [[1, 5, 9, 11], [1, 7, 7], [1, 20, 21, 22, 23], [1, 3], [1, 8, 8, 8], [1, 30, 2]]
 PARAMS = {"max_new_tokens": 6, "temperature": 1.0, "top_p": 1.0, "n": 2, "sampling_seed": 11}
@@ -36,9 +37,9 @@ def test_group_seeds_are_stable_and_distinct():
 @pytest.mark.parametrize("sglang", [False, True])
 def test_results_do_not_depend_on_engines_or_order(servers, sglang):
     clients = [s.client() for s in servers]
-    two = Dispatcher(clients, sglang=sglang, max_in_flight_groups=1).generate(PROMPTS, PARAMS)
-    one = Dispatcher(clients[:1], sglang=sglang).generate(PROMPTS, PARAMS)
-    backwards = Dispatcher(clients[::-1], sglang=sglang, max_in_flight_groups=2).generate(
+    two = Dispatcher(clients, backend=get_backend('sglang' if sglang else 'server'), max_in_flight_groups=1).generate(PROMPTS, PARAMS)
+    one = Dispatcher(clients[:1], backend=get_backend('sglang' if sglang else 'server')).generate(PROMPTS, PARAMS)
+    backwards = Dispatcher(clients[::-1], backend=get_backend('sglang' if sglang else 'server'), max_in_flight_groups=2).generate(
         PROMPTS, PARAMS, groups=list(range(len(PROMPTS)))[::-1])
     assert sorted(two) == list(range(len(PROMPTS))) and all(len(v) == 2 for v in two.values())
     assert all(s.prompt_index == g for g, v in two.items() for s in v)
@@ -113,6 +114,6 @@ def test_auto_chunks_give_our_server_whole_shares_and_sglang_single_groups(serve
     ours = Dispatcher(clients, groups_per_request=0)
     ours.generate(PROMPTS, PARAMS)
     assert ours.served == [3, 3] and ours.requests == [1, 1]  # one request of 3 groups per engine
-    sgl = Dispatcher(clients, sglang=True, groups_per_request=0, max_in_flight_groups=1)
+    sgl = Dispatcher(clients, backend=get_backend('sglang'), groups_per_request=0, max_in_flight_groups=1)
     out = sgl.generate(PROMPTS, PARAMS)
     assert sum(sgl.requests) == len(PROMPTS) and all(len(v) == 2 for v in out.values())

@@ -52,7 +52,7 @@ HTTPServer(("127.0.0.1", port), H).serve_forever()
 DRIVER = '''
 import json, os, sys, time
 from at_core.config import load_config
-from at_rollout.sglang import SGLangServer
+from at_rollout.backends.sglang import SGLangServer
 
 cfg = load_config(overrides=["rollout.backend=sglang", "rollout.sync_method=distributed",
                              "rollout.startup_timeout_s=60"]).rollout

@@ -5,7 +5,7 @@ import pytest
 
 from at_core.config import load_config
 from at_rollout.placement import resolve, runtime_ipc_placements
-from at_rollout.sglang import check_rollout_config, sglang_command
+from at_rollout.backends.sglang import check_rollout_config, sglang_command
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ from at_core.config import load_config
 from at_core.rollout import RolloutWorkers
 from at_rollout.client import RolloutError
 from at_rollout.dist_group import destroy_group
-from at_rollout.process import LocalServer
+from at_rollout.backends.own_server import LocalServer
 from at_rollout.weight_sync import WeightSync
 
 SP = {"max_new_tokens": 4, "temperature": 1.0, "top_p": 1.0, "n": 2, "sampling_seed": 5}
@@ -49,8 +49,8 @@ def workers_for(server, tmp_path, *overrides):
 def test_a_group_left_on_a_live_server_is_destroyed_before_re_init(client, model):
     old = WeightSync(client, "distributed", bucket_mb=1, timeout_s=20)
     old.sync(model)
-    destroy_group(old._group)  # the trainer's end of the group is gone (it died, or tore down
-    old._group = None  # only its own side, as reconnect did); the server still holds the group
+    destroy_group(old.transport._group)  # the trainer's end of the group is gone (it died, or tore down
+    old.transport._group = None  # only its own side, as reconnect did); the server still holds the group
     with pytest.raises(RolloutError, match="already exists"):  # what a bare re-init meets
         client.init_weights_update_group("127.0.0.1", 1, 1, 2, backend="gloo")
     new = WeightSync(client, "distributed", bucket_mb=1, timeout_s=20)

@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from at_rollout.client import RolloutClient, RolloutError
-from at_rollout.process import LocalServer
+from at_rollout.backends.own_server import LocalServer
 
 KEY = "test-key-123"
 

@@ -13,9 +13,11 @@ import pytest
 import torch
 
 from at_core.config import load_config
+from at_rollout.backends import get_backend
 from at_rollout.client import RolloutClient, RolloutError
+from at_rollout.transports.nccl import DistributedTransport
 from at_rollout.protocol import SAMPLING_FIELDS, SESSION_ROUTES, SGLANG_BODYLESS, SGLANG_REQUESTS
-from at_rollout.sglang import SGLangServer, check_rollout_config, sglang_command
+from at_rollout.backends.sglang import SGLangServer, check_rollout_config, sglang_command
 from at_rollout.weight_sync import WeightSync
 
 def rollout_cfg(*overrides):
@@ -53,8 +55,8 @@ def test_failed_sglang_start_raises_with_the_log_tail(tmp_path):
     with pytest.raises(RolloutError, match="No module named"):
         server.start()
     assert not server.alive()
-    ws = server.weight_sync()
-    assert ws.method == "distributed" and ws.backend == "nccl" and ws.engine_ranks == 1
+    t = get_backend("sglang").transport(rollout_cfg(), engines=1)  # what RolloutWorkers builds for it
+    assert isinstance(t, DistributedTransport) and t.backend == "nccl" and t.engine_ranks == 1
 
 
 class _StandIn(BaseHTTPRequestHandler):
@@ -199,6 +201,5 @@ def test_a_failed_sync_closes_the_session_and_raises_the_servers_message(stand_i
 
 
 def test_data_parallel_engines_cannot_take_distributed_updates():
-    server = SGLangServer(rollout_cfg(), "/models/m", dp_size=2)
     with pytest.raises(ValueError, match="dp_size=2"):
-        server.weight_sync()
+        get_backend("sglang").transport(rollout_cfg(), engines=1, dp_size=2)

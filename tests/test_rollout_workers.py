@@ -3,7 +3,7 @@ import pytest
 
 from at_core.config import load_config
 from at_core.rollout import RolloutWorkers
-from at_rollout.process import LocalServer
+from at_rollout.backends.own_server import LocalServer
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """The client's contract with SGLang, checked against SGLang's own source.
 
-For every supported release (`at_rollout.sglang.SUPPORTED_VERSIONS`) the wheel is fetched
+For every supported release (`at_rollout.backends.sglang.SUPPORTED_VERSIONS`) the wheel is fetched
 with `pip download --no-deps` into a cache outside the repository ($AT_SGLANG_WHEEL_CACHE,
 default ~/.cache/autothink/sglang-wheels) and the few source files needed are parsed
 straight from the zip with `ast` (SGLang is never imported). Checked: every route the client
@@ -29,7 +29,7 @@ from at_rollout.protocol import (
     FINISH_REASON_READ, META_INFO_READ, MODEL_INFO_READ, OUTPUT_READ, SAMPLING_FIELDS, SERVER_INFO_READ,
     SESSION_ROUTES, SESSION_SINCE, SGLANG_BODYLESS, SGLANG_REQUESTS, UPDATE_ANSWER_READ,
 )
-from at_rollout.sglang import SUPPORTED_VERSIONS, sglang_command
+from at_rollout.backends.sglang import SUPPORTED_VERSIONS, sglang_command
 
 CACHE = Path(os.environ.get("AT_SGLANG_WHEEL_CACHE", Path.home() / ".cache" / "autothink" / "sglang-wheels"))
 UNREACHABLE = ("NewConnectionError", "Failed to establish", "Temporary failure in name resolution",

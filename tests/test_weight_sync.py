@@ -12,7 +12,7 @@ import torch
 
 from at_rollout.client import RolloutError
 from at_rollout.server.generator import logprob_temperature
-from at_rollout.process import LocalServer
+from at_rollout.backends.own_server import LocalServer
 from at_rollout import tensor_codec
 from at_rollout.weight_sync import WeightSync
 
@@ -266,7 +266,7 @@ def test_dead_server_is_an_error_then_restart_and_resync(server, client, model, 
     if method == "distributed":  # the group itself: a dead peer is an error within the timeout
         start = time.monotonic()
         with pytest.raises(RuntimeError):
-            torch.distributed.broadcast(torch.zeros(1 << 20), src=0, group=sync._group)
+            torch.distributed.broadcast(torch.zeros(1 << 20), src=0, group=sync.transport._group)
         assert time.monotonic() - start < 15
     with pytest.raises(RolloutError, match=server.url):
         sync.sync(model)

@@ -17,7 +17,7 @@ SAMPLING = {"max_new_tokens": 24, "temperature": TEMPERATURE, "top_p": 0.9, "top
 
 @pytest.mark.timeout(300)
 def test_zero3_sync_parity_both_methods(tiny_model_dir, tmp_path):
-    from at_rollout.process import LocalServer
+    from at_rollout.backends.own_server import LocalServer
     from tests.helpers import torchrun
 
     out = tmp_path / "parity.json"

@@ -9,8 +9,9 @@ Flags and request fields follow SGLang 0.5.x (`python/sglang/srt/server_args.py`
 SGLang is never a dependency of the CPU install: this module only builds the command and
 runs it; the client and weight sync are the same code that talks to our own server.
 
-Weight sync with SGLang (`placement.py`): colocated, CUDA IPC handles through
-`/update_weights_from_tensor` (`cuda_ipc.py`); on GPUs of its own, the distributed method.
+Weight sync with SGLang (`transport_name`): colocated, CUDA IPC handles through
+`/update_weights_from_tensor` (`transports/cuda_ipc.py`); on GPUs of its own, an NCCL
+broadcast (`transports/nccl.py`). `SGLang` is the backend adapter the registry holds.
 """
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .process import ManagedServer
-from .placement import check_sync, launch_base_gpu
-from .weight_sync import WeightSync
+from ..process import ManagedServer
+from ..transports import WeightTransport
+from .base import RolloutBackend
+from .base import get as _get
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 # The releases the client is checked against (tests/test_sglang_contract.py reads each one's
@@ -29,12 +31,10 @@ SUPPORTED_VERSIONS = ("0.5.15.post1", "0.5.16", "0.5.17", "0.5.18", "0.5.19", "0
                       "0.5.23")
 
 
-def _get(cfg: Any, key: str, default=None):
-    return cfg.get(key, default) if isinstance(cfg, dict) else getattr(cfg, key, default)
-
-
 def check_rollout_config(rollout: Any) -> None:
     """What SGLang cannot do with this config, as errors naming the config key."""
+    from ..placement import check_sync
+
     check_sync({**{k: _get(rollout, k) for k in ("sync_method", "colocate", "tp_size")}, "backend": "sglang"})
     if _get(rollout, "tp_size", 1) < 1:
         raise ValueError(f"rollout.tp_size must be >= 1, got {_get(rollout, 'tp_size')}")
@@ -51,6 +51,8 @@ def sglang_command(rollout: Any, model_path: str | Path, port: int, *, seed: int
                    base_gpu_id: Optional[int] = None) -> list[str]:
     """The `sglang.launch_server` command line for the `rollout` config section; the engine's
     first GPU is `base_gpu_id`, else `placement.launch_base_gpu` (explicit, never SGLang's default)."""
+    from ..placement import launch_base_gpu
+
     cmd = [python, "-m", "sglang.launch_server",
            "--model-path", str(model_path),
            "--tp-size", str(int(_get(rollout, "tp_size", 1))),
@@ -97,20 +99,51 @@ class SGLangServer(ManagedServer):
         kwargs.setdefault("retries", int(_get(self.rollout, "retries", 3)))
         return super().client(**kwargs)
 
-    def weight_sync(self, **kwargs) -> WeightSync:
-        """A distributed-method WeightSync for this server (NCCL, world = 1 + tp_size)."""
-        if self.dp_size > 1:  # tokenizer_control_mixin.py asserts dp_size == 1 for this update
-            raise ValueError(f"dp_size={self.dp_size}: SGLang's update_weights_from_distributed takes no data-"
-                             "parallel replicas; launch one engine per replica (rollout.urls)")
-        kwargs.setdefault("bucket_mb", float(_get(self.rollout, "sync_bucket_mb", 256)))
-        kwargs.setdefault("backend", "nccl")
-        kwargs.setdefault("engine_ranks", int(_get(self.rollout, "tp_size", 1)) * self.dp_size)
-        kwargs.setdefault("timeout_s", float(_get(self.rollout, "request_timeout_s", 600.0)))
-        return WeightSync(self.client(), "distributed", **kwargs)
-
-    def start(self, sync: Optional[WeightSync] = None) -> "SGLangServer":
+    def start(self, sync=None) -> "SGLangServer":
         """Spawn, wait for /health_generate, then (given a WeightSync) join its NCCL weight-update group."""
         super().start()
         if sync is not None:
             sync.connect()
         return self
+
+
+class SGLang(RolloutBackend):
+    """Real SGLang (`python -m sglang.launch_server`), launched or at `rollout.urls`."""
+
+    name = "sglang"
+    description = "SGLang"
+    continuous_batching = True
+    seeds_samples_alike = True  # it hashes one seed with positions: n samples of a prompt may coincide
+    group_backend = "nccl"
+
+    def check_config(self, rollout: Any) -> None:
+        check_rollout_config(rollout)
+
+    def transport_name(self, rollout: Any) -> str:
+        super().transport_name(rollout)  # a known rollout.sync_method
+        method, colocate = _get(rollout, "sync_method", "tensor"), bool(_get(rollout, "colocate", False))
+        if colocate and method == "distributed":
+            raise ValueError("rollout.colocate=true with rollout.sync_method=distributed cannot work: the engine "
+                             "shares the trainer's GPUs and NCCL refuses a group holding the same GPU twice; "
+                             "colocated SGLang takes rollout.sync_method=tensor (CUDA IPC handles)")
+        if not colocate and method == "tensor":
+            raise ValueError("rollout.sync_method=tensor with rollout.backend=sglang needs rollout.colocate=true: its "
+                             "tensor path takes CUDA IPC handles to the trainer's GPUs; engines on GPUs of their own "
+                             "take rollout.sync_method=distributed (NCCL)")
+        return "cuda_ipc" if colocate else "nccl_broadcast"
+
+    def server(self, rollout: Any, model_path, *, seed: int = 0, log_file=None) -> SGLangServer:
+        return SGLangServer(rollout, model_path, seed=seed, log_file=log_file)
+
+    def launch_command(self, rollout: Any, model_path, port: int, *, seed: int = 0, dtype: str = "bfloat16",
+                       base_gpu_id: Optional[int] = None, python: str = sys.executable) -> list[str]:
+        return sglang_command(rollout, model_path, port, seed=seed, dtype=dtype, base_gpu_id=base_gpu_id,
+                              python=python)
+
+    def transport(self, rollout: Any, engines: int, dp_size: int = 1) -> WeightTransport:
+        """As the base; an NCCL broadcast is refused for data-parallel engines."""
+        if dp_size > 1 and self.transport_name(rollout) == "nccl_broadcast":
+            # tokenizer_control_mixin.py asserts dp_size == 1 for update_weights_from_distributed
+            raise ValueError(f"dp_size={dp_size}: SGLang's update_weights_from_distributed takes no data-"
+                             "parallel replicas; launch one engine per replica (rollout.urls)")
+        return super().transport(rollout, engines)

@@ -9,7 +9,7 @@ from it. The request SGLang 0.5.15.post1-0.5.23 takes (`UpdateWeightsFromTensorR
      "flush_cache": false}
 
 (the sync pauses, flushes and opens the weight-update session around the buckets, and names
-the weights' version once all are in: `weight_sync.py`).
+the weights' version once all are in: `at_rollout/weight_sync.py`).
 
 Each entry is what SGLang's `MultiprocessingSerializer.serialize(obj, output_str=True)` makes
 (`ForkingPickler` with torch's multiprocessing reductions, then base64) of
@@ -41,6 +41,8 @@ import torch.distributed as dist
 import torch.multiprocessing  # registers torch's reductions on ForkingPickler
 from multiprocessing.reduction import ForkingPickler
 from torch.multiprocessing import reductions
+
+from .base import WeightTransport, cast
 
 LOAD_FORMAT = "flattened_bucket"
 SGLANG_BUCKET_MODULE = "sglang.srt.weight_sync.tensor_bucket"
@@ -217,7 +219,7 @@ class EnginePlacement:
     gpus: tuple[int, ...]
 
 
-class CudaIpcTransport:
+class CudaIpcTransport(WeightTransport):
     """Bucket by bucket, on every rank: flatten, serialize, gather the handles on rank 0, which
     posts one request per engine with entry i from the rank on that engine's i-th GPU.
 
@@ -225,6 +227,10 @@ class CudaIpcTransport:
     an engine's GPUs take part in the gather with nothing to send. The last `keep` buckets stay
     referenced (see `flatten`), the rest are freed once rank 0 has its answers.
     """
+
+    name = "cuda_ipc"
+    method = "tensor"
+    every_rank = True
 
     def __init__(self, placements: Sequence[EnginePlacement], keep: int = 2):
         self.placements = list(placements)
@@ -260,8 +266,8 @@ class CudaIpcTransport:
         self._sources = sources
         return sources
 
-    def send_bucket(self, bucket: Sequence[tuple[str, torch.Tensor]], clients, dtype: Optional[torch.dtype] = None,
-                    stats: Any = None, timeout_s: Optional[float] = None) -> Optional[BaseException]:
+    def send(self, bucket: Sequence[tuple[str, torch.Tensor]], dtype: Optional[torch.dtype] = None,
+             stats: Any = None) -> Optional[BaseException]:
         """Collective: every rank passes its gathered bucket of (name, parameter); rank 0's `dtype`
         (the served one; None: the trainer's own) is what every rank casts to. Rank 0 gets the
         engines' verdict (an error, or None); the other ranks get None."""
@@ -275,8 +281,7 @@ class CudaIpcTransport:
         entry, error = None, None
         if any(rank in s for s in sources):
             try:
-                named = [(n, p.data.detach() if self._dtype in (None, p.dtype) else p.data.detach().to(self._dtype))
-                         for n, p in bucket]
+                named = [(n, cast(p.data, self._dtype)) for n, p in bucket]
                 flat, meta = flatten(named)
                 if flat.is_cuda:
                     torch.cuda.current_stream().synchronize()  # the copy is done before anyone maps it
@@ -296,7 +301,7 @@ class CudaIpcTransport:
         errors = [e for _, e in gathered if e]
         if errors:
             return RuntimeError("; ".join(errors))
-        return _post_all(clients, [[gathered[r][0] for r in s] for s in sources], timeout_s)
+        return _post_all(self.clients, [[gathered[r][0] for r in s] for s in sources], self.timeout_s)
 
     def finish(self) -> None:
         """After the sync: drop the kept buckets and let torch free blocks the engines released."""
@@ -323,7 +328,7 @@ def _post_all(clients, entries_per_engine, timeout_s) -> Optional[BaseException]
     """One request per engine, in parallel; the first failure (a RolloutError), or None."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from .client import RolloutError
+    from ..client import RolloutError
 
     def post(i):
         c = clients[i]

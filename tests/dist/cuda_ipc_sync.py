@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from at_rollout.client import RolloutClient, RolloutError
-from at_rollout.cuda_ipc import CudaIpcTransport, EnginePlacement
+from at_rollout.transports.cuda_ipc import CudaIpcTransport, EnginePlacement
 from at_rollout.weight_sync import WeightSync
 
 
@@ -36,12 +36,11 @@ def main():
     model = engine.module
     assert all(hasattr(p, "ds_id") and p.numel() == 0 for p in model.parameters())  # partitioned, nothing local
     clients = [RolloutClient(url, retries=0)] if rank == 0 else None
-    ws = WeightSync(clients, "tensor", bucket_mb=0.002, dtype="bfloat16",
-                    ipc=CudaIpcTransport([EnginePlacement(0, (0, 1))]))
+    ws = WeightSync(clients, CudaIpcTransport([EnginePlacement(0, (0, 1))]), bucket_mb=0.002, dtype="bfloat16")
     stats = ws.sync(model, weight_version="7")
     result = {"buckets": stats.buckets, "tensors": stats.tensors, "bytes": stats.bytes, "expected": expected}
     # an engine on a GPU no rank holds: the same ValueError on every rank, before any request
-    bad = WeightSync(clients, "tensor", bucket_mb=1, ipc=CudaIpcTransport([EnginePlacement(0, (1, 2))]))
+    bad = WeightSync(clients, CudaIpcTransport([EnginePlacement(0, (1, 2))]), bucket_mb=1)
     try:
         bad.sync(model)
         result["bad"] = "no error"
