@@ -1,6 +1,6 @@
 """Per-token log-probs at RL scale: time and peak extra memory of forward + backward.
 
-    python benchmarks/logprob.py                 # T=4096, V=151936, fp32 and bf16
+    python benchmarks/logprob.py                 # T=2048, V=151936, fp32 and bf16
     python benchmarks/logprob.py --T 512 --V 32000 --repeats 3
 
 Methods, each against `naive` measured in the same run:
@@ -256,7 +256,7 @@ def _machine(device: str) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--T", type=int, default=4096, help="tokens (rows)")
+    p.add_argument("--T", type=int, default=2048, help="tokens (rows)")
     p.add_argument("--V", type=int, default=151936, help="vocabulary (Qwen2.5: 151936)")
     p.add_argument("--H", type=int, default=1536, help="hidden size for the fused lm_head table")
     p.add_argument("--dtypes", default="fp32,bf16")

@@ -7,7 +7,8 @@ The workload (both sides): the same SFT base (`at_core.tiny.sft`), 32 prompts x 
 per step with the ellipsis prompt, at most 160 new tokens, temperature 0.6 (top_p 1), the
 plain AutoThink reward (`at_reward.autothink.base_reward` over `at_reward.math.grade`), no KL
 (beta 0, no reference model), one optimizer update per batch (on-policy, no extra epochs),
-AdamW at lr 2e-4, gradient clipping 1.0, fp32, no gradient checkpointing, `--threads` torch
+AdamW at lr 2e-4, gradient clipping 1.0, fp32, no gradient checkpointing (TRL's default is
+on: `--trl-gradient-checkpointing` measures TRL as shipped), `--threads` torch
 threads per process. TRL is configured for the same batch: per_device_train_batch_size=256
 completions (= 32 prompts x num_generations 8), steps_per_generation=1, num_iterations=1,
 use_vllm=False, use_cpu=True, loss_type "dapo" (token mean over the batch, as ours).
@@ -116,7 +117,8 @@ def trl_child(args) -> None:
         output_dir=str(Path(args.out) / "trl"), num_generations=ROLLOUTS, max_completion_length=MAX_NEW,
         temperature=TEMPERATURE, top_p=1.0, per_device_train_batch_size=PROMPTS * ROLLOUTS,
         gradient_accumulation_steps=1, steps_per_generation=1, num_iterations=1, beta=0.0, use_vllm=False,
-        use_cpu=True, bf16=False, gradient_checkpointing=False, learning_rate=LR, lr_scheduler_type="constant",
+        use_cpu=True, bf16=False, gradient_checkpointing=args.trl_gradient_checkpointing, learning_rate=LR,
+        lr_scheduler_type="constant",
         max_grad_norm=1.0, loss_type="dapo", max_steps=args.steps, logging_steps=1, report_to="none",
         save_strategy="no", shuffle_dataset=False, disable_dropout=True, seed=args.seed, dataloader_num_workers=0,
     )
@@ -133,6 +135,7 @@ def trl_child(args) -> None:
 def run_trl(args, out: Path) -> list[dict]:
     cmd = [sys.executable, __file__, "--child", "--base", str(args.base), "--steps", str(args.steps),
            "--threads", str(args.threads), "--seed", str(args.seed), "--out", str(out)]
+    cmd += ["--trl-gradient-checkpointing"] if args.trl_gradient_checkpointing else []
     proc = subprocess.run(cmd, env=_env(args), cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
     if proc.returncode != 0:
         sys.exit(f"TRL failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -153,10 +156,10 @@ def _steps(rows: list[dict]) -> str:
     return " ".join(f"{r['step_s']:.2f}" for r in rows)
 
 
-def _spread(xs: list[float]) -> str:
+def _spread(xs: list[float], digits: int = 2) -> str:
     if not xs:
         return "-"
-    return f"{statistics.median(xs):.2f} ({min(xs):.2f}-{max(xs):.2f})"
+    return f"{statistics.median(xs):.{digits}f} ({min(xs):.{digits}f}-{max(xs):.{digits}f})"
 
 
 def report(ours: list[dict], trl: list[dict]) -> list[str]:
@@ -167,7 +170,7 @@ def report(ours: list[dict], trl: list[dict]) -> list[str]:
     lines = ["| | ours | TRL GRPOTrainer | ours / TRL |", "|---|---|---|---|"]
     lines.append(f"| seconds per step, median (range) | {_spread(o_s)} | {_spread(t_s)} | "
                  f"{statistics.median(t_s) / statistics.median(o_s):.2f}x faster |")
-    lines.append(f"| generated tokens / s | {_spread(tps(ours))} | {_spread(tps(trl))} | "
+    lines.append(f"| generated tokens / s | {_spread(tps(ours), 0)} | {_spread(tps(trl), 0)} | "
                  f"{statistics.median(tps(ours)) / statistics.median(tps(trl)):.2f}x |")
     lines.append(f"| generated tokens per step | {statistics.median([r['tokens'] for r in ours]):.0f} | "
                  f"{statistics.median([r['tokens'] for r in trl]):.0f} | |")
@@ -190,6 +193,8 @@ def main(argv=None) -> None:
     p.add_argument("--only", choices=["both", "ours", "trl"], default="both")
     p.add_argument("--ours-override", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override for our side (e.g. deepspeed.zero_stage=3)")
+    p.add_argument("--trl-gradient-checkpointing", action="store_true",
+                   help="TRL as shipped (GRPOConfig's default is on; ours never checkpoints the tiny model)")
     p.add_argument("--out", type=Path, default=None, help="work directory (default: a temporary one)")
     p.add_argument("--json", type=Path, default=None, help="also write the per-step rows here")
     p.add_argument("--timeout", type=float, default=3600)
