@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -13,7 +15,7 @@ import pytest
 import torch
 
 from at_core.config import load_config
-from at_rollout.backends import get_backend
+from at_rollout.backends import BACKENDS, get_backend
 from at_rollout.client import RolloutClient, RolloutError
 from at_rollout.transports.nccl import DistributedTransport
 from at_rollout.protocol import SAMPLING_FIELDS, SESSION_ROUTES, SGLANG_BODYLESS, SGLANG_REQUESTS
@@ -129,6 +131,9 @@ def test_client_sends_only_the_declared_fields(stand_in):
                                      "stop": ["</answer>"], "sampling_seed": 1}, return_logprob=True)
     assert [o.prompt_index for o in out] == [0, 0, 1, 1] and out[0].weight_version == "7"
     assert out[0].logprobs == [-0.5, -0.25] and out[0].finish_reason == "stop" and out[0].matched == 6
+    # The trainer's path asks for no per-token log-probs (it recomputes its own): not sent, not read.
+    plain = c.generate([[1, 2]], {"max_new_tokens": 4})
+    assert log[-1][0] == "/generate" and log[-1][1]["return_logprob"] is False and plain[0].logprobs is None
     c.init_weights_update_group("10.0.0.1", 29500, 1, 3, backend="nccl")
     with c.weight_update_session():
         c.update_weights_from_distributed(["lm_head.weight"], [torch.bfloat16], [[8, 4]], weight_version="3")
@@ -203,3 +208,22 @@ def test_a_failed_sync_closes_the_session_and_raises_the_servers_message(stand_i
 def test_data_parallel_engines_cannot_take_distributed_updates():
     with pytest.raises(ValueError, match="dp_size=2"):
         get_backend("sglang").transport(rollout_cfg(), engines=1, dp_size=2)
+
+
+def test_one_registry_chooses_the_backend():
+    from at_core.config import ConfigError, validate
+
+    assert {"server", "sglang"} <= set(BACKENDS) and get_backend("sglang").continuous_batching
+    with pytest.raises(ValueError, match="rollout.backend"):
+        get_backend("vllm")
+    cfg = load_config()
+    cfg.rollout.backend = "vllm"
+    with pytest.raises(ConfigError, match="rollout.backend"):
+        validate(cfg)
+
+
+def test_the_client_side_imports_neither_the_server_nor_pydantic():
+    code = ("import sys, at_rollout.protocol; assert 'torch' not in sys.modules and 'pydantic' not in sys.modules; "
+            "import at_core.rollout; bad = sorted(m for m in sys.modules if m.startswith('at_rollout.server') "
+            "or m == 'pydantic'); assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -9,14 +9,16 @@ import torch
 
 @dataclass
 class SyncStats:
-    seconds: float = 0.0
-    buckets: int = 0
-    tensors: int = 0
-    bytes: int = 0
+    """What one sync moved, and how long it took."""
 
     def count(self, tensors: Sequence[tuple[str, torch.Tensor]]) -> None:
         self.tensors += len(tensors)
         self.bytes += sum(t.numel() * t.element_size() for _, t in tensors)
+
+    seconds: float = 0.0
+    buckets: int = 0
+    tensors: int = 0
+    bytes: int = 0
 
 
 def cast(t: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
