@@ -37,7 +37,7 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout>=2.3"],
-        # The releases tests/test_sglang_contract.py checks the client against (at_rollout/sglang.py).
+        # The releases tests/test_sglang_contract.py checks the client against (at_rollout/backends/sglang.py).
         "sglang": ["sglang[all]>=0.5.15.post1,<=0.5.23"],
         "gpu": ["flash-attn>=2.6", "liger-kernel>=0.5"],
         # benchmarks/vs_trl.py only (TRL's GRPOTrainer as the peer); never imported by the package.
