@@ -47,6 +47,9 @@ def broadcast_from_rank0(obj: Any) -> Any:
 
 
 class RolloutWorkers:
+    """Rollout servers of one backend (`rollout.backend`, from the registry in
+    `at_rollout.backends`): whatever differs between engines is asked of that object."""
+
     def __init__(self, rcfg: DictConfig, model_path: str, out_dir: str | Path, rank: int, seed: int = 0):
         self.cfg = rcfg
         self.backend = get_backend(rcfg.backend)  # everything engine-specific is asked of it
