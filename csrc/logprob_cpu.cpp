@@ -10,8 +10,8 @@
 // logprob = z[target] - logsumexp(z), entropy = -sum softmax(z) * log_softmax(z).
 // float64 inputs are computed in float64 (for gradcheck); everything else in fp32.
 //
-// Rows run in parallel through at::parallel_for (OpenMP in torch's CPU builds, honouring
-// torch.set_num_threads); inner loops are `omp simd` loops the compiler vectorises
+// Rows run in parallel in one OpenMP region with torch's intra-op thread count
+// (torch.set_num_threads; see parallel_rows); inner loops are `omp simd` loops the compiler vectorises
 // (-fopenmp-simd, -march=native), including a polynomial exp.
 
 #include <ATen/Parallel.h>
@@ -31,6 +31,9 @@
 
 #ifdef __linux__
 #include <sys/mman.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
 #endif
 
 namespace {
@@ -219,6 +222,29 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& targets, double te
 
 int64_t grain_rows(int64_t V) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(V, 1)); }
 
+// Rows [0, T) split into one contiguous range per thread, with torch's intra-op thread count
+// (torch.set_num_threads) passed explicitly. at::parallel_for's header-compiled `omp parallel`
+// took the OpenMP default instead, and in a process that never called set_num_threads it ran
+// on one thread (measured: cpu time == wall time). Rows are independent, so the split does
+// not change any result.
+template <typename F>
+void parallel_rows(int64_t T, int64_t grain, const F& f) {
+  int64_t nt = std::min<int64_t>(at::get_num_threads(), (T + grain - 1) / grain);
+#ifdef _OPENMP
+  if (nt > 1 && !omp_in_parallel()) {
+#pragma omp parallel num_threads(static_cast<int>(nt))
+    {
+      const int64_t n = omp_get_num_threads(), tid = omp_get_thread_num();
+      const int64_t chunk = (T + n - 1) / n, b = tid * chunk, e = std::min(T, b + chunk);
+      if (b < e) f(b, e);
+    }
+    return;
+  }
+#endif
+  (void)nt;
+  if (T > 0) f(0, T);
+}
+
 template <typename scalar_t>
 void forward_impl(const at::Tensor& logits, const at::Tensor& targets, double temperature,
                   bool with_entropy, at::Tensor& lp, at::Tensor& lse, at::Tensor& ent) {
@@ -231,7 +257,7 @@ void forward_impl(const at::Tensor& logits, const at::Tensor& targets, double te
   acc_t* lse_p = lse.data_ptr<acc_t>();
   acc_t* ent_p = with_entropy ? ent.data_ptr<acc_t>() : nullptr;
   const acc_t temp = static_cast<acc_t>(temperature);
-  at::parallel_for(0, T, grain_rows(V), [&](int64_t begin, int64_t end) {
+  parallel_rows(T, grain_rows(V), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buf(kBlock + kLanes);
     for (int64_t t = begin; t < end; ++t) {
       if (with_entropy) {
@@ -263,7 +289,7 @@ void backward_impl(const at::Tensor& logits, const at::Tensor& targets, const at
   const acc_t* ent_p = with_entropy ? ent.const_data_ptr<acc_t>() : nullptr;
   const acc_t* gent_p = with_entropy ? grad_ent.const_data_ptr<acc_t>() : nullptr;
   const acc_t temp = static_cast<acc_t>(temperature);
-  at::parallel_for(0, T, grain_rows(V), [&](int64_t begin, int64_t end) {
+  parallel_rows(T, grain_rows(V), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buf(kBlock + kLanes);
     for (int64_t t = begin; t < end; ++t) {
       if (with_entropy) {
