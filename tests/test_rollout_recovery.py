@@ -156,7 +156,11 @@ seen["restarts"] = workers.restarts
 # a server that never answers
 cfg = load_config(overrides=[f"rollout.urls=[{dead}]", "rollout.startup_timeout_s=2"]).rollout
 attempt("start", lambda: RolloutWorkers(cfg, "unused", "/tmp", rank=rank).start())
-print("RESULT", rank, json.dumps(seen), flush=True)
+for r in range(dist.get_world_size()):  # one rank at a time: torchrun merges the ranks' output
+    if r == rank:
+        print("RESULT", rank, json.dumps(seen), flush=True)
+    dist.barrier()
+dist.destroy_process_group()  # leave together: the store's host (rank 0) must not go first
 '''
 
 

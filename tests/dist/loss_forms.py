@@ -36,3 +36,5 @@ for form in forms:
 if dist.get_rank() == 0:
     batch = [(r.prompt_ids, r.response_ids, r.advantage) for r in rollouts()]
     torch.save({"grads": saved, "rollouts": batch}, out)
+dist.barrier()
+dist.destroy_process_group()
