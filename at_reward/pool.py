@@ -333,8 +333,11 @@ class GradingPool:
                     i = todo.take(slot)
                     try:
                         w.conn.send((ref, items[i]))
-                    except OSError:  # died while idle: not this item's fault
+                    except OSError:  # the worker is gone: the item being sent never ran
                         todo.put_back(i)
+                        if queue:  # it died on its head item, as on the EOF path below: no retry
+                            head, t0 = queue.popleft()
+                            latency[head] = time.monotonic() - t0
                         requeue(queue)
                         self.stats["crashes"] += 1
                         del queues[w]
