@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -157,43 +158,48 @@ def batch_metrics(scored: Dict[str, Any]) -> Dict[str, float]:
     return m
 
 
-def rl_step(ctx: Context, stage_name: str) -> Dict[str, float]:
-    stage = ctx.cfg.stage[stage_name]
-    clock: Dict[str, float] = {}
-    t = time.perf_counter()
-    problems = ctx.stream.take(stage.prompts_per_step)
-    prompt_ids = encode_prompts(ctx, problems, stage.prompt_style)
-    seed = (ctx.cfg.seed * 1_000_003 + ctx.state.global_step) % 2**31
-    samples = ctx.rollout.generate(prompt_ids, sampling_params(stage, seed), policy_lm(ctx.engine))
-    clock["time/rollout"] = time.perf_counter() - t
+class Clock(dict):
+    """Seconds per phase of a step: `with clock("rollout"): ...` records `time/rollout`."""
 
-    t = time.perf_counter()
-    scored = score(ctx, problems, prompt_ids, samples, stage)
-    scored["advantages"] = estimate_advantages(ctx.cfg.algorithm, scored["rewards"], scored["groups"],
-                                               scored["lengths"])
-    clock["time/reward"] = time.perf_counter() - t
+    @contextmanager
+    def __call__(self, phase: str):
+        t = time.perf_counter()
+        yield
+        self[f"time/{phase}"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    ctx.rollout.release()  # colocated engines give their GPU memory to the update
-    examples = my_examples(ctx, prompt_ids, samples, scored)
+
+def update(ctx: Context, stage: DictConfig, examples: List[Example]) -> Dict[str, float]:
+    """The policy update of one step: reference log-probs when a KL term is on, then
+    `algorithm.mini_batch_prompts`-sized optimizer steps."""
+    algo = ctx.cfg.algorithm
     ref = None
     if ctx.reference is not None:
-        ref = compute_logprobs(ctx.reference, examples, ctx.cfg.algorithm.micro_batch_tokens, stage.temperature)
-    mbp = ctx.cfg.algorithm.mini_batch_prompts
-    n_mini = -(-stage.prompts_per_step // mbp) if mbp else 1
-    stats = update_policy(ctx.engine, examples, ctx.cfg.algorithm, stage.temperature, ref, n_mini,
-                          stage.max_response_len)
-    clock["time/train"] = time.perf_counter() - t
+        ref = compute_logprobs(ctx.reference, examples, algo.micro_batch_tokens, stage.temperature)
+    n_mini = -(-stage.prompts_per_step // algo.mini_batch_prompts) if algo.mini_batch_prompts else 1
+    return update_policy(ctx.engine, examples, algo, stage.temperature, ref, n_mini, stage.max_response_len)
 
-    t = time.perf_counter()
-    ctx.rollout.resume()
-    ctx.rollout.sync(policy_lm(ctx.engine), weight_version=ctx.state.global_step + 1)  # the step it ends
-    clock["time/sync"] = time.perf_counter() - t
 
-    step_time = sum(clock.values())
-    generated = sum(scored["lengths"])
-    return {**batch_metrics(scored), **stats, **clock, **ctx.rollout.metrics(),
-            "tokens_per_s": generated / max(step_time, 1e-9), "batch_digest": batch_digest(problems)}
+def rl_step(ctx: Context, stage_name: str) -> Dict[str, float]:
+    stage = ctx.cfg.stage[stage_name]
+    clock = Clock()
+    with clock("rollout"):
+        problems = ctx.stream.take(stage.prompts_per_step)
+        prompt_ids = encode_prompts(ctx, problems, stage.prompt_style)
+        seed = (ctx.cfg.seed * 1_000_003 + ctx.state.global_step) % 2**31
+        samples = ctx.rollout.generate(prompt_ids, sampling_params(stage, seed), policy_lm(ctx.engine))
+    with clock("reward"):
+        scored = score(ctx, problems, prompt_ids, samples, stage)
+        scored["advantages"] = estimate_advantages(ctx.cfg.algorithm, scored["rewards"], scored["groups"],
+                                                   scored["lengths"])
+    with clock("train"):
+        ctx.rollout.release()  # colocated engines give their GPU memory to the update
+        stats = update(ctx, stage, my_examples(ctx, prompt_ids, samples, scored))
+    with clock("sync"):
+        ctx.rollout.resume()
+        ctx.rollout.sync(policy_lm(ctx.engine), weight_version=ctx.state.global_step + 1)  # the step it ends
+    generated_per_s = sum(scored["lengths"]) / max(sum(clock.values()), 1e-9)
+    return {**batch_metrics(scored), **stats, **clock, **ctx.rollout.metrics(), "tokens_per_s": generated_per_s,
+            "batch_digest": batch_digest(problems)}
 
 
 def batch_digest(problems: List[Problem]) -> str:
