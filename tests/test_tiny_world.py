@@ -136,10 +136,14 @@ def test_sft_command_reuses_the_base_and_reports_every_prompt(quick_base, capsys
 
 
 def test_ellipsis_mode_is_one_token_choice(quick_base):
-    """Think responses all begin with one token, so temperature cannot tilt the mode choice."""
+    """A tier's think responses all begin with one token, so temperature cannot tilt the mode
+    choice: after the ellipsis it is `</think>` or that token."""
     tok = AutoTokenizer.from_pretrained(quick_base)
-    firsts = {tok(teacher.think_response(p), add_special_tokens=False)["input_ids"][0] for p in generate_all(100, 9)}
-    assert len(firsts) == 1
+    for tier in TIERS:
+        firsts = {tok(teacher.think_response(p), add_special_tokens=False)["input_ids"][0]
+                  for p in generate(tier, 60, seed=9)}
+        assert len(firsts) == 1, tier
+        assert tok.decode(list(firsts)) == teacher._OPENERS[tier]
     assert {tok(teacher.no_think_response(p), add_special_tokens=False)["input_ids"][0]
             for p in generate_all(20, 9)} == {tok.convert_tokens_to_ids("</think>")}
 
@@ -207,3 +211,13 @@ def test_every_teacher_text_round_trips_through_autotokenizer(quick_base):
             assert ids.count(end_think) == text.count("</think>")
         pieces = tok.convert_ids_to_tokens(tok(teacher.think_response(p))["input_ids"])
         assert not any(t.isdigit() and len(t) > 1 for t in pieces)  # one token per digit
+
+
+def test_a_think_trace_opens_with_its_tiers_word():
+    """The think branch's first word depends on the tier (and only on it): the mode choice after
+    the ellipsis is still one of two tokens per problem, but where it is made the model must
+    already know the tier, which is what lets RL tie the choice to difficulty."""
+    for tier in TIERS:
+        openers = {teacher.think_trace(p).split(",")[0] for p in generate(tier, 40, seed=3)}
+        assert openers == {teacher._OPENERS[tier]}
+    assert len(set(teacher._OPENERS.values())) == len(TIERS)

@@ -34,11 +34,14 @@ from at_core.tiny.task import Arithmetic, parse
 NO_THINK_PREFIX = "</think>\n\n"
 THINK_CLOSE = "\n</think>\n\n"
 
-# Every think response starts with the same token ("Okay"): the ellipsis prompt's mode is
-# then one choice between two tokens, `</think>` and "Okay", which sampling temperature
-# leaves balanced. (Three openings would split think's half three ways, and T=0.6 would
-# sharpen the choice toward `</think>`: a 50% think rate would sample as ~32%.)
-_OPENINGS = ("Okay, so I need to", "Okay, I need to", "Okay, I have to")
+# A think response starts with one word per tier ("Okay" easy, "Right" medium, "Hmm" hard):
+# after the ellipsis prompt the mode is one choice between two tokens, `</think>` and the
+# tier's opener, which sampling temperature leaves balanced (several openers per tier would
+# split think's half, and T=0.6 would sharpen the choice toward `</think>`). Because the
+# opener depends on the problem, as an R1 trace's first words do, the model has to know the
+# tier where it chooses the mode, which is what RL needs to tie the choice to difficulty.
+_OPENERS = {"easy": "Okay", "medium": "Right", "hard": "Hmm"}
+_OPENINGS = ("so I need to", "I need to", "I have to")
 _CAREFUL = ("This looks simple, but let me be careful.", "Let me work it out carefully.")
 
 
@@ -95,7 +98,7 @@ def think_trace(problem: Problem | str) -> str:
     """The reasoning inside the think block (without the closing tag)."""
     text = problem.problem if isinstance(problem, Problem) else problem
     arith = parse(text)
-    opening = f"{_variant(text, _OPENINGS, 'open')} {_task(arith)}."
+    opening = f"{_OPENERS[arith.tier]}, {_variant(text, _OPENINGS, 'open')} {_task(arith)}."
     if arith.tier == "hard":
         lines = [f"{opening} Let me go digit by digit."] + _hard_steps(arith)
     else:
