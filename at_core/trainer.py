@@ -56,14 +56,14 @@ class Context:
 # ---------------------------------------------------------------- the steps of one RL step
 
 
-def prompt_ids(tokenizer, problem: str, style: str) -> List[int]:
+def tokenize_prompt(tokenizer, problem: str, style: str) -> List[int]:
     return tokenizer(render_prompt(tokenizer, problem, style), add_special_tokens=False)["input_ids"]
 
 
 def encode_prompts(ctx: Context, problems: List[Problem], style: str) -> List[List[int]]:
     out = []
     for p in problems:
-        ids = prompt_ids(ctx.tokenizer, p.problem, style)
+        ids = tokenize_prompt(ctx.tokenizer, p.problem, style)
         if len(ids) > ctx.cfg.max_prompt_len:
             ids = ids[-ctx.cfg.max_prompt_len :]  # keep the template's tail (the think opener)
         out.append(ids)
@@ -75,7 +75,7 @@ def drop_long_prompts(cfg: DictConfig, tokenizer, problems: List[Problem]) -> Li
     `max_prompt_len` in every prompt style the stages use."""
     styles = sorted({cfg.stage[s].prompt_style for s in stage_order(cfg)})
     kept = [p for p in problems
-            if all(len(prompt_ids(tokenizer, p.problem, st)) <= cfg.max_prompt_len for st in styles)]
+            if all(len(tokenize_prompt(tokenizer, p.problem, st)) <= cfg.max_prompt_len for st in styles)]
     if not kept:
         raise ConfigError(f"data.long_prompts=drop: every one of the {len(problems)} training problems is longer "
                           f"than max_prompt_len={cfg.max_prompt_len} tokens")
