@@ -194,3 +194,29 @@ def test_restart_after_kill_keeps_the_url(server, client):
     server.restart()
     assert server.alive() and server.url == url and client.health()
     assert len(client.generate([[1, 2]], {"max_new_tokens": 2})) == 1
+
+
+def test_accepted_connections_have_nagle_off():
+    """The server's socket says it is TCP, so asyncio sets TCP_NODELAY on every accepted
+    connection; without it each small response waited ~40 ms for a delayed ACK."""
+    import asyncio
+    import socket
+
+    from at_rollout.server.cli import listening_socket
+
+    async def accepted_nodelay() -> int:
+        seen = asyncio.get_running_loop().create_future()
+
+        async def on_connect(reader, writer):
+            seen.set_result(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        sock = listening_socket("127.0.0.1", 0)
+        server = await asyncio.start_server(on_connect, sock=sock)
+        _, writer = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+        value = await asyncio.wait_for(seen, 10)
+        writer.close()
+        server.close()
+        return value
+
+    assert asyncio.run(accepted_nodelay()) != 0

@@ -67,6 +67,18 @@ def _watch_parent(pid: int):
     threading.Thread(target=loop, name="parent-watch", daemon=True).start()
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The server's bound socket. Made with proto IPPROTO_TCP, not 0: asyncio turns Nagle off
+    (TCP_NODELAY) only on accepted sockets that say they are TCP, and with Nagle on, every
+    response with a body waited ~40 ms for the client's delayed ACK (each control call of a
+    weight sync, each /generate)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    return sock
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     faulthandler.enable()  # a crash in native code leaves a Python stack in the log
@@ -94,10 +106,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         max_weights_request_bytes=int(args.max_weights_request_mb * MB),
                         weight_update_timeout_s=args.weight_update_timeout_s)
     app = create_app(state)
-    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((args.host, args.port))
+    sock = listening_socket(args.host, args.port)
     port = sock.getsockname()[1]
     if args.port_file:
         tmp = Path(args.port_file + ".tmp")
