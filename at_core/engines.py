@@ -6,6 +6,7 @@ created and gathered only inside the forward/backward of the module that owns it
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -43,9 +44,22 @@ def init_distributed() -> None:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     backend = "nccl" if on_gpu() else "gloo"
+    if not on_gpu() and os.environ.get("WORLD_SIZE") == "1":
+        _skip_shm_comm_build()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     if on_gpu():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def _skip_shm_comm_build() -> None:
+    """A CPU world of one process never reduces across processes, yet DeepSpeed's CPU backend
+    compiles its shared-memory allreduce op on init: ~35 s of a first run on a fresh
+    machine (the tiny demo's included). Marking the op incompatible makes DeepSpeed fall
+    back to plain torch.distributed, as it does on platforms without the op."""
+    import deepspeed.ops
+
+    with contextlib.suppress(Exception):  # a DeepSpeed without the probe: build as usual
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def _free_port() -> int:
