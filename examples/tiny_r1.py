@@ -8,6 +8,10 @@
    trainer: DeepSpeed ZeRO-3, the rollout server on loopback, weight sync every step;
    each stage is evaluated with the ellipsis prompt when it ends.
 4. Write results.json, results.md (Table 1 in miniature), tradeoff.png, think_rate.png.
+
+`--ablations` adds the paper's ablations, each a full RL run from the same base in
+<out>/ablations/NAME, evaluated when its last stage ends: no stage 1 (stages 2 and 3 from the
+base), no length shaping (stage 3 on the plain reward) and the plain reward in every stage.
 """
 from __future__ import annotations
 
@@ -31,8 +35,26 @@ CONFIGS = ROOT / "examples" / "configs"
 BASE_STYLES = ("standard", "no_think", "ellipsis")
 
 
-def phase(msg: str) -> None:
-    print(f"\n== {msg}", flush=True)
+class Phases:
+    """Prints each phase as it starts with the time so far; keeps each phase's seconds."""
+
+    def __init__(self):
+        self.started = self.mark = time.time()
+        self.name = None
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, msg: str, key: str) -> None:
+        self.end()
+        self.name, self.mark = key, time.time()
+        print(f"\n== {msg}   [{self.mark - self.started:.0f} s so far]", flush=True)
+
+    def end(self) -> None:
+        if self.name is not None:
+            self.seconds[self.name] = round(time.time() - self.mark, 1)
+            self.name = None
+
+
+phase = Phases()
 
 
 def settings(cfg, style: str) -> EvalSettings:
@@ -86,22 +108,54 @@ def evaluate_base(cfg, base: Path, held_out, out: Path) -> list[dict]:
     return rows
 
 
-def stage_end_eval(held_out, out: Path):
-    """The trainer's stage-end hook: evaluate the just-synced policy through its own server."""
+def stage_end_eval(held_out, out: Path, only: str | None = None, prefix: str = ""):
+    """The trainer's stage-end hook: evaluate the just-synced policy through its own server
+    (every stage, or `only` that one), as row `<prefix>stage<N>` in <out>/eval/stage<N>.json."""
     from at_core.engines import policy_lm
 
     def hook(ctx, stage: str, export_dir: Path) -> None:
+        if only is not None and stage != only:
+            return
         s = settings(ctx.cfg, "ellipsis")
+        name = f"{prefix}stage{stage}"
         gen = lambda ids, p: ctx.rollout.generate(ids, p, policy_lm(ctx.engine))  # noqa: E731
-        samples = generate_samples(gen, ctx.tokenizer, held_out, s, desc=f"stage{stage}", show=ctx.rank == 0)
+        samples = generate_samples(gen, ctx.tokenizer, held_out, s, desc=name, show=ctx.rank == 0)
         if ctx.rank == 0:
             path = out / "eval" / f"stage{stage}.json"
             path.unlink(missing_ok=True)  # the stage was (re)trained: its old row is stale
-            row = cached_eval(path, f"stage{stage}", s,
+            row = cached_eval(path, name, s,
                               lambda: summarize(held_out, samples, ctx.tokenizer, ctx.reward, "ellipsis"))
             print(summary_line(row), flush=True)
 
     return hook
+
+
+# The paper's ablations: config overrides on the main recipe, each run from the same base.
+ABLATIONS = {
+    "no_stage1": ["start_stage=2"],
+    "no_length_shaping": ["stage.3.shaping.length_alpha=0", "stage.3.shaping.length_beta=0"],
+    "plain_reward": ["stage.1.shaping.balance_target=null",
+                     "stage.3.shaping.length_alpha=0", "stage.3.shaping.length_beta=0"],
+}
+
+
+def run_ablations(files, overrides: list[str], base: Path, train_problems, held_out, out: Path) -> list[dict]:
+    """Each ablation trains from `base` in <out>/ablations/NAME and yields one row, its last
+    stage's evaluation; `overrides` carry the main run's (its `resume` included)."""
+    from at_core.config import load_config, stage_order
+    from at_core.trainer import train
+
+    rows = []
+    for name, changes in ABLATIONS.items():
+        run_dir = out / "ablations" / name
+        cfg = load_config(files, overrides + changes + [f"out_dir={run_dir}", f"model.path={base}"])
+        last = stage_order(cfg)[-1]
+        phase(f"ablation {name}: {' '.join(changes)}", f"ablation/{name}")
+        train(cfg, train_problems, str(base), on_stage_end=stage_end_eval(held_out, run_dir, last, f"{name}/"))
+        row = json.loads((run_dir / "eval" / f"stage{last}.json").read_text())
+        row.pop("cache_key", None)
+        rows.append(row)
+    return rows
 
 
 def plot_think_rate(out: Path) -> Path:
@@ -139,35 +193,51 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="the same pipeline, small and fast (tests)")
     ap.add_argument("--out", default=None, help="run directory (default runs/tiny or runs/tiny_quick)")
     ap.add_argument("--resume", default=None, help="'auto': continue a killed run from its last checkpoint")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads in every process (default: all cores); a different count is a different run")
+    ap.add_argument("--ablations", action="store_true",
+                    help="also run the paper's ablations (no stage 1, no length shaping, plain reward)")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. stage.1.steps=10")
     args = ap.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+            return 2
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the rollout server and reward workers inherit it
     started = time.time()
     out = Path(args.out or ("runs/tiny_quick" if args.quick else "runs/tiny"))
     files = [CONFIGS / "tiny_r1.yaml"] + ([CONFIGS / "tiny_r1_quick.yaml"] if args.quick else [])
-    extra = [f"out_dir={out}"] + ([f"resume={args.resume}"] if args.resume else [])
+    resume = [f"resume={args.resume}"] if args.resume else []
     try:
-        cfg = load_config([str(f) for f in files], list(args.overrides) + extra)
+        cfg = load_config([str(f) for f in files], list(args.overrides) + [f"out_dir={out}"] + resume)
         if cfg.model.path:
             require_model_dir(cfg.model.path)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
+    import torch
+
+    from at_core.tiny import targets
     from at_core.tiny.sft import build_base
     from at_core.tiny.task import generate_all
     from at_core.train import setup_logging
     from at_core.trainer import train
 
+    threads = args.threads or max(1, os.cpu_count() or 1)
+    torch.set_num_threads(threads)
     setup_logging()
-    phase("1/4 SFT: the tiny R1-style base (built once, then reused)")
-    base = Path(cfg.model.path) if cfg.model.path else build_base(out / "base", quick=args.quick, seed=cfg.seed)
+    phase("1/4 SFT: the tiny R1-style base (built once, then reused)", "sft")
+    base = (Path(cfg.model.path) if cfg.model.path
+            else build_base(out / "base", quick=args.quick, seed=cfg.seed, threads=threads))
     held_out = generate_all(cfg.data.tiny_eval_size, seed=cfg.seed + 1, split="test")
     train_problems = generate_all(cfg.data.tiny_train_size, seed=cfg.seed, split="train")
 
-    phase(f"2/4 evaluate the base on {len(held_out)} held-out problems (standard, forced no-think, ellipsis)")
+    phase(f"2/4 evaluate the base on {len(held_out)} held-out problems (standard, forced no-think, ellipsis)",
+          "base_eval")
     rows = evaluate_base(cfg, base, held_out, out)
 
-    phase("3/4 RL: stage 1 (batch balance) -> stage 2 (accuracy) -> stage 3 (length shaping)")
+    phase("3/4 RL: stage 1 (batch balance) -> stage 2 (accuracy) -> stage 3 (length shaping)", "rl")
     train(cfg, train_problems, str(base), on_stage_end=stage_end_eval(held_out, out))
     for s in sorted(cfg.stage):
         path = out / "eval" / f"stage{s}.json"
@@ -176,8 +246,19 @@ def main(argv=None) -> int:
             row.pop("cache_key", None)
             rows.append(row)
 
-    phase("4/4 results")
-    write_results(out, rows, extra={"wall_seconds": time.time() - started, "seed": cfg.seed, "quick": args.quick})
+    if args.ablations:
+        rows += run_ablations([str(f) for f in files], list(args.overrides) + resume, base, train_problems,
+                              held_out, out)
+
+    phase("4/4 results", "results")
+    phase.end()
+    checks = targets.check(rows)
+    write_results(out, rows, extra={"wall_seconds": time.time() - started, "phase_seconds": phase.seconds,
+                                    "seed": cfg.seed, "threads": threads, "quick": args.quick, "targets": checks})
+    with (out / "results.md").open("a") as f:
+        met = sum(c["met"] for c in checks)
+        f.write(f"\nTargets ({met} of {len(checks)} met{'; --quick checks the pipeline, not the effect' if args.quick else ''}):"
+                f"\n\n" + targets.markdown(checks))
     plot_think_rate(out)
     print((out / "results.md").read_text())
     print(f"wrote {out}/results.json, results.md, tradeoff.png, think_rate.png, metrics.jsonl, tensorboard/")

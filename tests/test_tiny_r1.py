@@ -9,19 +9,21 @@ import pytest
 from helpers import ROOT
 
 ROWS = ["base/standard", "base/no_think", "base/ellipsis", "stage1", "stage2", "stage3"]
+ABLATION_ROWS = ["no_stage1/stage3", "no_length_shaping/stage3", "plain_reward/stage3"]
 
 
 @pytest.mark.timeout(900)
 def test_quick_run_writes_results_table_and_plots(tmp_path):
     out = tmp_path / "tiny"
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
-    proc = subprocess.run([sys.executable, "examples/tiny_r1.py", "--quick", "--out", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=880)
+    cmd = [sys.executable, "examples/tiny_r1.py", "--quick", "--ablations", "--threads", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=880)
     assert proc.returncode == 0, proc.stderr[-5000:]
     for phase in ("1/4", "2/4", "3/4", "4/4"):
         assert f"== {phase}" in proc.stdout
     results = json.loads((out / "results.json").read_text())
-    assert [r["name"] for r in results["rows"]] == ROWS
+    assert [r["name"] for r in results["rows"]] == ROWS + ABLATION_ROWS
+    assert results["threads"] == 1
     for row in results["rows"]:
         for key in ("accuracy", "mean_tokens", "think_rate"):
             assert isinstance(row[key], float)
@@ -38,9 +40,15 @@ def test_quick_run_writes_results_table_and_plots(tmp_path):
     assert list((out / "tensorboard").iterdir())
     steps = [json.loads(line)["global_step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, len(steps) + 1))
+    # each ablation is its own run from the same base, with the stages and shaping it names
+    ablations = out / "ablations"
+    stages = {name: sorted({json.loads(line)["stage"] for line in (ablations / name / "metrics.jsonl").open()})
+              for name in ("no_stage1", "no_length_shaping", "plain_reward")}
+    assert stages == {"no_stage1": ["2", "3"], "no_length_shaping": ["1", "2", "3"], "plain_reward": ["1", "2", "3"]}
+    saved = (ablations / "plain_reward" / "config.yaml").read_text()
+    assert "balance_target: null" in saved and "length_alpha: 0" in saved
 
     # --resume auto on a finished run redoes nothing and reproduces the same table
-    again = subprocess.run([sys.executable, "examples/tiny_r1.py", "--quick", "--out", str(out), "--resume", "auto"],
-                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(cmd + ["--resume", "auto"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-5000:]
     assert json.loads((out / "results.json").read_text())["rows"] == results["rows"]

@@ -58,6 +58,11 @@ def _check_trace(problem):
     trace = teacher.think_trace(problem)
     arith = parse(problem.problem)
     lines = trace.splitlines()
+    a, b = sorted((arith.a, arith.b), reverse=True) if arith.tier == "hard" else (arith.a, arith.b)
+    claim = f"{a}{arith.op}{b}={arith.value}"
+    if arith.tier == "hard" and teacher.rechecks(problem.problem):  # the redundant re-check repeats the claim
+        assert lines.pop() == teacher.RECHECK.format(claim=claim)
+    trace = "\n".join(lines)
     steps = 0
     for x, op, y, z in EQUATION.findall("\n".join(lines[:-1])):  # the last line restates
         x, y, z = int(x), int(y), int(z)
@@ -69,8 +74,7 @@ def _check_trace(problem):
         seq = [int(n) for n in numbers.split(", ")]
         assert seq == list(range(int(start) + 1, int(start) + 1 + len(seq))) and seq[-1] == arith.value, trace
         steps += len(seq)
-    a, b = sorted((arith.a, arith.b), reverse=True) if arith.tier == "hard" else (arith.a, arith.b)
-    assert lines[-1] == f"So {a}{arith.op}{b}={arith.value}."
+    assert lines[-1] == f"So {claim}."
     if arith.tier == "hard":  # long multiplication: each carry comes from the line above
         values = [int(line.split("=")[1]) for line in lines[1:-1]]
         assert [lines[1 + i].split("*")[0] for i in (0, 1, 3)] == list(reversed(str(a)))
@@ -84,6 +88,15 @@ def test_teacher_traces_are_correct_step_by_step():
     for tier in TIERS:
         for p in generate(tier, 400, seed=7) + generate(tier, 100, seed=7, split="test"):
             assert _check_trace(p) >= 3
+
+
+def test_half_the_hard_traces_recheck_and_only_hard_ones():
+    """The re-check is what stage 3's length shaping has to prune: about half the hard
+    traces carry it, chosen by the problem text, and no easy or medium trace does."""
+    hard = generate("hard", 2000, seed=5)
+    share = sum("Wait, let me check" in teacher.think_trace(p) for p in hard) / len(hard)
+    assert 0.45 < share < 0.55
+    assert not any("Wait" in teacher.think_trace(p) for t in ("easy", "medium") for p in generate(t, 300, seed=5))
 
 
 def test_teacher_responses_grade_correct_in_every_mode():

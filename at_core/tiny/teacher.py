@@ -23,6 +23,11 @@ overthink easy problems too: a preamble, the fact, and a double-check (counting 
 addition and subtraction, repeated addition for the multiplication table). That makes a
 think response several times longer than a no-think one on every tier, which is what
 lets AutoThink save tokens by skipping thought on easy problems.
+
+Half the hard traces (picked by the problem text, so unpredictable from the problem) end
+with a redundant re-check of the conclusion, as R1's "Wait, let me double-check" does: the
+answer does not need it, so after SFT the model writes it about half the time, the plain
+reward (stage 2) is indifferent to it, and length shaping (stage 3) is what prunes it.
 """
 from __future__ import annotations
 
@@ -43,6 +48,7 @@ THINK_CLOSE = "\n</think>\n\n"
 _OPENERS = {"easy": "Okay", "medium": "Right", "hard": "Hmm"}
 _OPENINGS = ("so I need to", "I need to", "I have to")
 _CAREFUL = ("This looks simple, but let me be careful.", "Let me work it out carefully.")
+RECHECK = "Wait, let me check that once more: {claim}. Yes."
 
 
 def _variant(text: str, options: tuple[str, ...], salt: str) -> str:
@@ -105,8 +111,16 @@ def think_trace(problem: Problem | str) -> str:
         steps = _easy_steps(arith) if arith.tier == "easy" else _medium_steps(arith)
         lines = [f"{opening} {_variant(text, _CAREFUL, 'careful')}"] + steps + ["Both checks agree."]
     a, b = _operands(arith)
-    lines.append(f"So {a}{arith.op}{b}={arith.value}.")
+    claim = f"{a}{arith.op}{b}={arith.value}"
+    lines.append(f"So {claim}.")
+    if arith.tier == "hard" and rechecks(text):
+        lines.append(RECHECK.format(claim=claim))
     return "\n".join(lines)
+
+
+def rechecks(problem_text: str) -> bool:
+    """Whether this hard problem's trace ends with the redundant re-check (half of them)."""
+    return zlib.crc32(f"recheck:{problem_text}".encode()) % 2 == 0
 
 
 def answer_text(problem: Problem | str) -> str:
