@@ -80,6 +80,9 @@ class RolloutClient:
             except (requests.ConnectionError, requests.exceptions.ConnectTimeout) as err:
                 last = f"cannot connect ({type(err).__name__}: {err})"
                 continue
+            except requests.exceptions.ChunkedEncodingError as err:  # the server died while answering
+                last = f"connection broken mid-response ({err})"
+                continue
             except requests.Timeout:
                 raise RolloutError(f"{method} {url}: no answer within {timeout_s or self.timeout_s:.0f}s") from None
             if resp.status_code >= 500:

@@ -220,3 +220,29 @@ def test_accepted_connections_have_nagle_off():
         return value
 
     assert asyncio.run(accepted_nodelay()) != 0
+
+
+def test_a_server_dying_mid_response_is_a_rollout_error_and_retried():
+    """Headers sent, body cut short (a server killed while answering): the client retries and
+    then raises RolloutError, which the trainer's recovery handles, not a raw requests error."""
+    import socket
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    answered = []
+
+    def serve():
+        for _ in range(2):  # the first try and its one retry
+            conn, _ = sock.accept()
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n[{\"te")
+            conn.close()
+            answered.append(1)
+
+    threading.Thread(target=serve, daemon=True).start()
+    client = RolloutClient(f"http://127.0.0.1:{sock.getsockname()[1]}", retries=1, backoff_s=0.01)
+    with pytest.raises(RolloutError, match="connection broken mid-response"):
+        client.generate([[1]], {"max_new_tokens": 1})
+    assert len(answered) == 2
+    sock.close()
