@@ -134,16 +134,19 @@ def _pyplot():
 
 
 def plot_tradeoff(rows: List[Dict[str, Any]], path: str | Path, title: str = "accuracy vs response tokens") -> Path:
+    """One point per row, named in a legend (trained rows and ablations often land within a
+    token of each other, where labels beside the points would overprint)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for r in rows:
-        ax.scatter(r["mean_tokens"], 100 * r["accuracy"], s=60)
-        ax.annotate(r["name"], (r["mean_tokens"], 100 * r["accuracy"]), textcoords="offset points", xytext=(6, 4),
-                    fontsize=9)
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    markers = "os^Dv<>pPX*h"
+    for k, r in enumerate(rows):
+        ax.scatter(r["mean_tokens"], 100 * r["accuracy"], s=60, marker=markers[k % len(markers)], alpha=0.85,
+                   label=f"{r['name']} ({100 * r['accuracy']:.1f}%, {r['mean_tokens']:.1f} tok)")
     ax.set_xlabel("mean response tokens")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

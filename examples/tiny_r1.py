@@ -194,7 +194,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="run directory (default runs/tiny or runs/tiny_quick)")
     ap.add_argument("--resume", default=None, help="'auto': continue a killed run from its last checkpoint")
     ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads in every process (default: all cores); a different count is a different run")
+                    help="torch threads in every process (default: all cores); on some CPUs another count "
+                         "orders the float sums differently, and so is another trajectory")
     ap.add_argument("--ablations", action="store_true",
                     help="also run the paper's ablations (no stage 1, no length shaping, plain reward)")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. stage.1.steps=10")

@@ -1,12 +1,13 @@
 """The tiny AutoThink run over seeds and thread counts: does the result hold beyond one trajectory?
 
-    python examples/tiny_sweep.py [--seeds 0 1 2] [--threads 1 2] [--parallel 1] [--out runs/sweep]
+    python examples/tiny_sweep.py [--seeds 0 1 2] [--threads 1 2] [--parallel 1] [--out runs/sweep] [--quick]
 
 Each (seed, threads) pair is a whole `examples/tiny_r1.py` run, its own SFT base included, in
 <out>/seed<S>_t<T> (a finished run is reused; a killed one resumes). A seed changes the SFT
 data, initialisation and RL sampling; a thread count changes the order of float sums, so it
 is a different trajectory too. `--parallel N` runs N at once (their results do not depend on
-it; their wall times do). Writes <out>/sweep.md and sweep.json: every run's targets
+it; their wall times do, and two runs of 2 threads each on 2 cores are several times slower
+than one after the other). Writes <out>/sweep.md and sweep.json: every run's targets
 (`at_core.tiny.targets`) and the mean and range of each row over the runs.
 """
 from __future__ import annotations
@@ -26,13 +27,13 @@ sys.path.insert(0, str(ROOT))
 ROWS = ("base/standard", "base/ellipsis", "stage1", "stage2", "stage3")
 
 
-def run_one(out: Path, seed: int, threads: int, extra: list[str]) -> dict:
+def run_one(out: Path, seed: int, threads: int, extra: list[str], quick: bool = False) -> dict:
     run_dir = out / f"seed{seed}_t{threads}"
     results = run_dir / "results.json"
     if not results.exists():
         run_dir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, str(ROOT / "examples" / "tiny_r1.py"), "--out", str(run_dir), "--threads", str(threads),
-               "--resume", "auto", f"seed={seed}", *extra]
+               "--resume", "auto", *(["--quick"] if quick else []), f"seed={seed}", *extra]
         with (run_dir / "run.log").open("w") as log:
             rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ}).returncode
         if rc != 0:
@@ -81,11 +82,12 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--parallel", type=int, default=1, help="runs at once")
     ap.add_argument("--out", type=Path, default=Path("runs/sweep"))
+    ap.add_argument("--quick", action="store_true", help="quick runs (tests: the pipeline, not the effect)")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides passed to every run")
     args = ap.parse_args(argv)
     pairs = [(s, t) for t in args.threads for s in args.seeds]
     with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
-        runs = list(pool.map(lambda st: run_one(args.out, *st, args.overrides), pairs))
+        runs = list(pool.map(lambda st: run_one(args.out, *st, args.overrides, args.quick), pairs))
     summary = summarize(runs)
     text = markdown(runs, summary)
     (args.out / "sweep.md").write_text(text)

@@ -52,3 +52,24 @@ def test_quick_run_writes_results_table_and_plots(tmp_path):
     again = subprocess.run(cmd + ["--resume", "auto"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-5000:]
     assert json.loads((out / "results.json").read_text())["rows"] == results["rows"]
+
+
+@pytest.mark.timeout(600)
+def test_sweep_runs_each_seed_and_thread_count_and_summarises(tmp_path):
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "examples/tiny_sweep.py", "--quick", "--seeds", "0", "1", "--threads", "1",
+           "--parallel", "2", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True,
+                          timeout=580)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert [(r["seed"], r["threads"]) for r in sweep["runs"]] == [(0, 1), (1, 1)]
+    assert all(r["threads"] == 1 and len(r["targets"]) == 11 for r in sweep["runs"])
+    acc = [100 * next(x for x in r["rows"] if x["name"] == "stage3")["accuracy"] for r in sweep["runs"]]
+    s3 = sweep["summary"]["stage3"]["accuracy"]
+    assert s3["min"] == min(acc) and s3["max"] == max(acc) and s3["mean"] == pytest.approx(sum(acc) / 2)
+    md = (out / "sweep.md").read_text()
+    assert "| stage3 |" in md and "stage1_alive_medium" in md
+    # the two seeds built different bases
+    bases = [json.loads((out / f"seed{s}_t1" / "base" / "tiny_world.json").read_text())["recipe"]["seed"] for s in (0, 1)]
+    assert bases == [0, 1]
