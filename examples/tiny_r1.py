@@ -257,7 +257,7 @@ def main(argv=None) -> int:
     write_results(out, rows, extra={"wall_seconds": time.time() - started, "phase_seconds": phase.seconds,
                                     "seed": cfg.seed, "threads": threads, "quick": args.quick, "targets": checks})
     with (out / "results.md").open("a") as f:
-        met = sum(c["met"] for c in checks)
+        met = sum(c["met"] is True for c in checks)
         f.write(f"\nTargets ({met} of {len(checks)} met{'; --quick checks the pipeline, not the effect' if args.quick else ''}):"
                 f"\n\n" + targets.markdown(checks))
     plot_think_rate(out)

@@ -24,6 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from at_core.tiny import targets  # noqa: E402
+
 ROWS = ("base/standard", "base/ellipsis", "stage1", "stage2", "stage3")
 
 
@@ -70,7 +72,7 @@ def markdown(runs: list[dict], summary: dict) -> str:
     lines += ["", "Mean (min-max) over the runs.", "",
               "| seed | threads | wall s | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
     for run in runs:
-        cells = [f"{c['value']:+.2f}" + ("" if c["met"] else " **no**") for c in run["targets"]]
+        cells = [targets.cell(c, "+.2f") for c in run["targets"]]
         lines.append(f"| {run['seed']} | {run['threads']} | {run['wall_seconds']:.0f} | " + " | ".join(cells) + " |")
     rules = [f"- `{c['name']}`: {c['rule']}" for c in runs[0]["targets"]]
     return "\n".join(lines + ["", "Targets (`at_core/tiny/targets.py`):", *rules]) + "\n"
@@ -93,7 +95,7 @@ def main(argv=None) -> int:
     (args.out / "sweep.md").write_text(text)
     (args.out / "sweep.json").write_text(json.dumps({"summary": summary, "runs": runs}, indent=1))
     print(text)
-    failed = [(r["seed"], r["threads"], c["name"]) for r in runs for c in r["targets"] if not c["met"]]
+    failed = [(r["seed"], r["threads"], c["name"]) for r in runs for c in r["targets"] if c["met"] is False]
     print(f"{len(failed)} target(s) missed" + (f": {failed}" if failed else "") + f"; wrote {args.out}/sweep.md")
     return 0
 

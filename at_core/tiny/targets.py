@@ -62,18 +62,32 @@ SHAPE = [
 
 
 def check(rows: List[Mapping]) -> List[Dict]:
-    """One record per target: name, rule, measured value, met. Rows are results.json's."""
+    """One record per target: name, rule, measured value, met. Rows are results.json's; a
+    target whose rows the run does not have (e.g. `start_stage=2`: no stage1 row) gets
+    value and met None."""
     by_name = {r["name"]: r for r in rows}
     out = []
     for group, targets in (("headline", HEADLINE), ("shape", SHAPE)):
         for t in targets:
-            value = t.value(by_name)
+            try:
+                value = t.value(by_name)
+            except KeyError:
+                out.append({"group": group, "name": t.name, "rule": t.rule, "value": None, "met": None})
+                continue
             out.append({"group": group, "name": t.name, "rule": t.rule, "value": round(value, 4),
                         "met": bool(t.met(value))})
     return out
 
 
+def cell(c: Dict, fmt: str = "+.3f") -> str:
+    """A target's measured value, marked where missed; "n/a" where the run lacks its rows."""
+    if c["value"] is None:
+        return "n/a"
+    return f"{c['value']:{fmt}}" + ("" if c["met"] else " **no**")
+
+
 def markdown(checks: List[Dict]) -> str:
     lines = ["| target | measured | met |", "|---|---|---|"]
-    lines += [f"| {c['rule']} | {c['value']:+.3f} | {'yes' if c['met'] else '**no**'} |" for c in checks]
+    lines += [f"| {c['rule']} | {cell(c).replace(' **no**', '')} | "
+              f"{'n/a' if c['met'] is None else 'yes' if c['met'] else '**no**'} |" for c in checks]
     return "\n".join(lines) + "\n"
