@@ -43,15 +43,13 @@ class Phases:
         self.name = None
         self.seconds: dict[str, float] = {}
 
-    def __call__(self, msg: str, key: str) -> None:
-        self.end()
-        self.name, self.mark = key, time.time()
-        print(f"\n== {msg}   [{self.mark - self.started:.0f} s so far]", flush=True)
-
-    def end(self) -> None:
+    def __call__(self, msg: str, key: str | None = None) -> None:
+        """Start a phase; the previous one's seconds go under its key (a phase without one is
+        not timed)."""
         if self.name is not None:
             self.seconds[self.name] = round(time.time() - self.mark, 1)
-            self.name = None
+        self.name, self.mark = key, time.time()
+        print(f"\n== {msg}   [{self.mark - self.started:.0f} s so far]", flush=True)
 
 
 phase = Phases()
@@ -66,6 +64,13 @@ def summary_line(row: dict) -> str:
     tiers = " ".join(f"{t} {v['think_rate']:.2f}" for t, v in row["tiers"].items())
     return (f"{row['name']:<14} accuracy {100 * row['accuracy']:5.1f}%  tokens {row['mean_tokens']:6.1f}  "
             f"think rate {row['think_rate']:.2f} ({tiers})")
+
+
+def read_row(path: Path) -> dict:
+    """A cached evaluation row as a results row (without its cache key)."""
+    row = json.loads(path.read_text())
+    row.pop("cache_key", None)
+    return row
 
 
 def cached_eval(path: Path, name: str, s: EvalSettings, run) -> dict:
@@ -152,9 +157,7 @@ def run_ablations(files, overrides: list[str], base: Path, train_problems, held_
         last = stage_order(cfg)[-1]
         phase(f"ablation {name}: {' '.join(changes)}", f"ablation/{name}")
         train(cfg, train_problems, str(base), on_stage_end=stage_end_eval(held_out, run_dir, last, f"{name}/"))
-        row = json.loads((run_dir / "eval" / f"stage{last}.json").read_text())
-        row.pop("cache_key", None)
-        rows.append(row)
+        rows.append(read_row(run_dir / "eval" / f"stage{last}.json"))
     return rows
 
 
@@ -205,7 +208,6 @@ def main(argv=None) -> int:
             print(f"error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
             return 2
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the rollout server and reward workers inherit it
-    started = time.time()
     out = Path(args.out or ("runs/tiny_quick" if args.quick else "runs/tiny"))
     files = [CONFIGS / "tiny_r1.yaml"] + ([CONFIGS / "tiny_r1_quick.yaml"] if args.quick else [])
     resume = [f"resume={args.resume}"] if args.resume else []
@@ -243,18 +245,15 @@ def main(argv=None) -> int:
     for s in sorted(cfg.stage):
         path = out / "eval" / f"stage{s}.json"
         if path.exists():
-            row = json.loads(path.read_text())
-            row.pop("cache_key", None)
-            rows.append(row)
+            rows.append(read_row(path))
 
     if args.ablations:
         rows += run_ablations([str(f) for f in files], list(args.overrides) + resume, base, train_problems,
                               held_out, out)
 
-    phase("4/4 results", "results")
-    phase.end()
+    phase("4/4 results")
     checks = targets.check(rows)
-    write_results(out, rows, extra={"wall_seconds": time.time() - started, "phase_seconds": phase.seconds,
+    write_results(out, rows, extra={"wall_seconds": time.time() - phase.started, "phase_seconds": phase.seconds,
                                     "seed": cfg.seed, "threads": threads, "quick": args.quick, "targets": checks})
     with (out / "results.md").open("a") as f:
         met = sum(c["met"] is True for c in checks)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -37,7 +36,7 @@ def run_one(out: Path, seed: int, threads: int, extra: list[str], quick: bool = 
         cmd = [sys.executable, str(ROOT / "examples" / "tiny_r1.py"), "--out", str(run_dir), "--threads", str(threads),
                "--resume", "auto", *(["--quick"] if quick else []), f"seed={seed}", *extra]
         with (run_dir / "run.log").open("w") as log:
-            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ}).returncode
+            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
         if rc != 0:
             raise SystemExit(f"error: the run seed={seed} threads={threads} failed (exit {rc}); see {run_dir}/run.log")
     return {"seed": seed, "threads": threads, **json.loads(results.read_text())}

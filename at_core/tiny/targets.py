@@ -79,15 +79,17 @@ def check(rows: List[Mapping]) -> List[Dict]:
     return out
 
 
+def _value(c: Dict, fmt: str) -> str:
+    return "n/a" if c["value"] is None else f"{c['value']:{fmt}}"
+
+
 def cell(c: Dict, fmt: str = "+.3f") -> str:
     """A target's measured value, marked where missed; "n/a" where the run lacks its rows."""
-    if c["value"] is None:
-        return "n/a"
-    return f"{c['value']:{fmt}}" + ("" if c["met"] else " **no**")
+    return _value(c, fmt) + (" **no**" if c["met"] is False else "")
 
 
 def markdown(checks: List[Dict]) -> str:
+    verdict = {True: "yes", False: "**no**", None: "n/a"}
     lines = ["| target | measured | met |", "|---|---|---|"]
-    lines += [f"| {c['rule']} | {cell(c).replace(' **no**', '')} | "
-              f"{'n/a' if c['met'] is None else 'yes' if c['met'] else '**no**'} |" for c in checks]
+    lines += [f"| {c['rule']} | {_value(c, '+.3f')} | {verdict[c['met']]} |" for c in checks]
     return "\n".join(lines) + "\n"
