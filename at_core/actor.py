@@ -16,6 +16,8 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from at_core.algorithms.losses import StepCounts, loss_weights, token_loss
+from at_core.attention import PACKED_SDPA
+from at_core.engines import policy_lm
 from at_core.packing import Example, pack, plan_micro_batches
 
 
@@ -31,25 +33,32 @@ def _device(engine) -> torch.device:
     return next(engine.module.parameters()).device
 
 
-def _micro_plan(examples: Sequence[Example], token_budget: int) -> List[List[int]]:
+def shares_prompts(engine, algo: DictConfig) -> bool:
+    """Whether micro-batches share each prompt among its rollouts: as configured, where the
+    attention can read a shared layout (packed SDPA; flash-attention's varlen kernel cannot)."""
+    return bool(algo.share_prompts) and policy_lm(engine).config._attn_implementation == PACKED_SDPA
+
+
+def _micro_plan(examples: Sequence[Example], token_budget: int, share: bool) -> List[List[int]]:
     """This rank's micro-batches, padded to the largest count on any rank (empty = filler)."""
-    plan = plan_micro_batches([r.length for r in examples], token_budget) if examples else []
+    prompts = [(tuple(r.prompt_ids), len(r.prompt_ids)) for r in examples] if share else None
+    plan = plan_micro_batches([r.length for r in examples], token_budget, prompts) if examples else []
     count = int(_all_reduce([len(plan)], dist.ReduceOp.MAX)[0])
     return plan + [[] for _ in range(count - len(plan))]
 
 
 @torch.no_grad()
-def compute_logprobs(engine, examples: Sequence[Example], token_budget: int, temperature: float,
-                     chunk: int = 4096) -> List[List[float]]:
+def compute_logprobs(engine, examples: Sequence[Example], algo: DictConfig, temperature: float) -> List[List[float]]:
     """Per-token log-probs of each rollout's response under `engine` (old policy or reference)."""
     out: List[List[float]] = [[] for _ in examples]
     filler = [examples[0]] if examples else []
-    for idx in _micro_plan(examples, token_budget):
+    share = shares_prompts(engine, algo)
+    for idx in _micro_plan(examples, algo.micro_batch_tokens, share):
         group = [examples[i] for i in idx] or filler
         if not group:  # this rank has no data at all this step: still take part in the gathers
             group = [Example(prompt_ids=[0], response_ids=[0])]
-        batch = pack(group, _device(engine))
-        logp, _ = engine(batch, temperature, chunk=chunk)
+        batch = pack(group, _device(engine), share)
+        logp, _ = engine(batch, temperature, chunk=algo.logprob_chunk)
         if idx:
             for k, i in enumerate(idx):
                 out[i] = logp[batch.seq_of_token == k].tolist()
@@ -69,7 +78,7 @@ def update_policy(engine, examples: Sequence[Example], algo: DictConfig, tempera
     n_mini = int(_all_reduce([n_mini], dist.ReduceOp.MIN)[0])  # every rank steps the optimizer as often
     on_policy = algo.ppo_epochs * n_mini == 1
     if not on_policy:
-        olds = compute_logprobs(engine, examples, algo.micro_batch_tokens, temperature, algo.logprob_chunk)
+        olds = compute_logprobs(engine, examples, algo, temperature)
         for r, lp in zip(examples, olds):
             r.old_logprobs = lp
     bounds = [round(m * len(examples) / n_mini) for m in range(n_mini + 1)]
@@ -117,14 +126,15 @@ def backward_mini_batch(engine, local: Sequence[Example], algo: DictConfig, temp
     world = dist.get_world_size() if dist.is_initialized() else 1
     tokens, seqs = _all_reduce([sum(len(r.response_ids) for r in local), len(local)])
     counts = StepCounts(int(tokens), int(seqs), world, int(max_response_len))
-    plan = _micro_plan(local, algo.micro_batch_tokens)
+    share = shares_prompts(engine, algo)
+    plan = _micro_plan(local, algo.micro_batch_tokens, share)
     for j, idx in enumerate(plan):
         engine.set_gradient_accumulation_boundary(j == len(plan) - 1)
         group = [local[i] for i in idx]
         filler = not group
         if filler:  # keep ZeRO-3's collectives in step with the other ranks
             group = list(local[:1]) or [Example(prompt_ids=[0], response_ids=[0])]
-        batch = pack(group, _device(engine))
+        batch = pack(group, _device(engine), share)
         logp, ent = engine(batch, temperature, with_entropy=True, chunk=algo.logprob_chunk)
         adv = torch.tensor(_advantages(group), dtype=torch.float32, device=logp.device)
         old = logp.detach() if on_policy or filler else torch.tensor(

@@ -11,8 +11,18 @@ outputs are dropped (they get no gradient): attention stays inside each sequence
 instead of one per sequence matters at RL shapes (hundreds of short sequences per
 micro-batch), where per-call overhead, not arithmetic, dominated; the rest of the model
 still skips the padding.
+
+Because a sequence is gathered by index, its prompt need not sit next to its response: the
+rollouts of one prompt can share a single copy of the prompt in the packed row
+(`PackedLayout`, built by `at_core.packing.pack`). Each gathers that copy as its own
+prefix, so attention sees exactly the unshared sequence, while every other layer computes
+the prompt once instead of once per rollout; the prompt's outputs are taken from its first
+sequence, and its gradient sums over all of them, as it would over the copies.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, NamedTuple, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -22,36 +32,88 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 PACKED_SDPA = "at_packed_sdpa"
 
 
+class _Bucket(NamedTuple):
+    count: int  # sequences in the padded batch
+    width: int  # their longest length
+    src: torch.Tensor | None  # packed row of every gathered token, in padded order (None: the whole row, in order)
+    slot: torch.Tensor  # padded slot of every gathered token
+    out_pos: torch.Tensor  # packed rows this bucket writes (each row is written by exactly one bucket)
+    out_slot: torch.Tensor  # the padded slots they are read from
+
+
+@dataclass
+class PackedLayout:
+    """Where each sequence of a packed row sits: a prompt span (possibly shared by several
+    sequences) and its response span right after or elsewhere in the row."""
+
+    prompts: List[Tuple[int, int]]  # (start, length) of each sequence's prompt span
+    responses: List[Tuple[int, int]]  # (start, length) of each sequence's response span
+    owns_prompt: List[bool]  # the prompt's outputs come from this sequence (one per prompt copy)
+    total: int  # tokens in the packed row
+    _buckets: Dict[str, List[_Bucket]] = field(default_factory=dict, repr=False)
+
+    @property
+    def shared(self) -> bool:
+        return not all(self.owns_prompt)
+
+    def lengths(self) -> List[int]:
+        return [p[1] + r[1] for p, r in zip(self.prompts, self.responses)]
+
+    def buckets(self, device: torch.device) -> List[_Bucket]:
+        """The gather plan of the padded SDPA calls, built once per row and device (every layer reuses it)."""
+        key = str(device)
+        if key not in self._buckets:
+            self._buckets[key] = self._plan(device)
+        return self._buckets[key]
+
+    def _plan(self, device) -> List[_Bucket]:
+        lens = self.lengths()
+        groups = _length_buckets(lens)
+        out = []
+        for seqs in groups:
+            width = max(lens[i] for i in seqs)
+            src, slot, out_pos, out_slot = [], [], [], []
+            for k, i in enumerate(seqs):
+                (ps, pl), (rs, rl) = self.prompts[i], self.responses[i]
+                rows = list(range(ps, ps + pl)) + list(range(rs, rs + rl))
+                slots = range(k * width, k * width + pl + rl)
+                src.extend(rows)
+                slot.extend(slots)
+                first = 0 if self.owns_prompt[i] else pl
+                out_pos.extend(rows[first:])
+                out_slot.extend(slots[first:])
+            whole = len(groups) == 1 and src == list(range(self.total))
+
+            def t(x):
+                return torch.tensor(x, dtype=torch.long, device=device)
+
+            out.append(_Bucket(len(seqs), width, None if whole else t(src), t(slot), t(out_pos), t(out_slot)))
+        return out
+
+
 def packed_sdpa_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                        cu_seq_lens_q: torch.Tensor | None = None, **kwargs):
+                        packed_layout: PackedLayout | None = None, **kwargs):
     """query `[1, H, T, D]`, key/value `[1, Hkv, T, D]`; returns `[1, T, H, D]` as transformers expects."""
-    if cu_seq_lens_q is None:  # not a packed call (e.g. a plain forward): behave like sdpa
+    if packed_layout is None:  # not a packed call (e.g. a plain forward): behave like sdpa
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     if query.shape[0] != 1:
         raise ValueError("packed attention expects a batch of one packed row")
-    lens = (cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).tolist()
     drop = dropout if module.training else 0.0
-    out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [T, H, D]
     parts = []
-    for seqs in _length_buckets(lens):
-        starts = [int(cu_seq_lens_q[i]) for i in seqs]
-        width = max(lens[i] for i in seqs)
-        keep = torch.cat([torch.arange(k * width, k * width + lens[i]) for k, i in enumerate(seqs)]).to(query.device)
-        where = torch.cat([torch.arange(s, s + lens[i]) for s, i in zip(starts, seqs)]).to(query.device)
-
+    for b in packed_layout.buckets(query.device):
         def padded(x):  # [1, H, T, D] -> [S, H, L, D], zeros after each sequence's tokens
-            rows = x.new_zeros(x.shape[1], len(seqs) * width, x.shape[3])
-            src = x[0] if len(seqs) == len(lens) else x[0].index_select(1, where)  # one bucket: all, in order
-            rows = rows.index_copy(1, keep, src)
-            return rows.view(x.shape[1], len(seqs), width, x.shape[3]).transpose(0, 1)
+            rows = x.new_zeros(x.shape[1], b.count * b.width, x.shape[3])
+            rows = rows.index_copy(1, b.slot, x[0] if b.src is None else x[0].index_select(1, b.src))
+            return rows.view(x.shape[1], b.count, b.width, x.shape[3]).transpose(0, 1)
 
         o = F.scaled_dot_product_attention(padded(query), padded(key), padded(value), is_causal=True, scale=scaling,
                                            dropout_p=drop, enable_gqa=True)
-        parts.append((where, o.transpose(1, 2).reshape(-1, o.shape[1], o.shape[3]).index_select(0, keep)))
-    if len(parts) == 1 and parts[0][0].numel() == out.shape[0]:
-        return parts[0][1][None], None  # one bucket: its tokens are already in packed order
-    out = out.index_copy(0, torch.cat([w for w, _ in parts]), torch.cat([o for _, o in parts]))
+        parts.append((b, o.transpose(1, 2).reshape(-1, o.shape[1], o.shape[3]).index_select(0, b.out_slot)))
+    if len(parts) == 1 and parts[0][0].src is None:
+        return parts[0][1][None], None  # the whole row in order: its tokens are already in packed order
+    out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [T, H, D]
+    out = out.index_copy(0, torch.cat([b.out_pos for b, _ in parts]), torch.cat([o for _, o in parts]))
     return out[None], None
 
 

@@ -106,6 +106,7 @@ class AlgorithmConfig:
     ppo_epochs: int = 1
     mini_batch_prompts: Optional[int] = None  # prompts per optimizer step; None: one step per RL step
     micro_batch_tokens: int = 32768  # token budget of one packed micro-batch
+    share_prompts: bool = True  # a micro-batch computes each prompt once for all its rollouts (packed SDPA only)
     logprob_chunk: int = 4096  # rows per chunk in the fused log-prob pass
 
 

@@ -5,15 +5,17 @@ padding to the longest sequence wastes most of the compute; packing keeps every 
 useful. Position ids restart at 0 for each sequence and attention runs per sequence
 (`at_core/attention.py`: the sequences' boundaries go to SDPA or flash-attention's varlen
 kernel, never a dense block-diagonal mask), so sequences never attend to each other.
+GRPO samples several responses per prompt; with packed SDPA they can share one copy of
+the prompt in a micro-batch (`share_prompts`), which the model then computes once.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import Dict, Hashable, List, Sequence, Tuple
 
 import torch
 
-from at_core import attention  # noqa: F401  (registers the packed attention implementation)
+from at_core.attention import PACKED_SDPA, PackedLayout  # importing it registers the packed attention
 from at_core.logprob import lm_head_token_logprobs
 
 
@@ -32,24 +34,33 @@ class Example:
         return len(self.prompt_ids) + len(self.response_ids)
 
 
-def plan_micro_batches(lengths: Sequence[int], token_budget: int) -> List[List[int]]:
+def plan_micro_batches(lengths: Sequence[int], token_budget: int,
+                       prompts: Sequence[Tuple[Hashable, int]] | None = None) -> List[List[int]]:
     """First-fit decreasing bin packing of sequence indices under `token_budget` tokens.
 
-    A sequence longer than the budget gets a micro-batch of its own. Deterministic: ties
-    keep the input order.
+    A sequence longer than the budget gets a micro-batch of its own. With `prompts` (each
+    sequence's prompt key and prompt length), bins share prompts as `pack` does: a sequence
+    costs only its response in a bin that already holds its prompt, and such a bin is tried
+    first. Deterministic: ties keep the input order.
     """
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     bins: List[List[int]] = []
     room: List[int] = []
+    held: List[set] = []  # prompt keys in each bin
     for i in order:
-        for b, free in enumerate(room):
-            if lengths[i] <= free:
+        key, plen = prompts[i] if prompts is not None else (None, 0)
+        mine = [b for b in range(len(bins)) if key in held[b]] if prompts is not None else []
+        for b in mine + [b for b in range(len(bins)) if b not in mine]:
+            cost = lengths[i] - plen if b in mine else lengths[i]
+            if cost <= room[b]:
                 bins[b].append(i)
-                room[b] -= lengths[i]
+                room[b] -= cost
+                held[b].add(key)
                 break
         else:
             bins.append([i])
             room.append(token_budget - lengths[i])
+            held.append({key})
     return [sorted(b) for b in bins]
 
 
@@ -61,33 +72,49 @@ class PackedBatch:
     targets: torch.Tensor  # [N] the response tokens
     seq_of_token: torch.Tensor  # [N] which example (index into `examples`) each target belongs to
     examples: List[Example]
-    cu_seqlens: torch.Tensor  # [S + 1] int32 sequence boundaries (varlen attention)
+    layout: PackedLayout  # where each sequence's prompt and response sit (packed attention reads it)
+    cu_seqlens: torch.Tensor | None  # [S + 1] int32 boundaries for varlen kernels; None when prompts are shared
     max_len: int
 
 
-def pack(examples: Sequence[Example], device: torch.device | str = "cpu") -> PackedBatch:
+def pack(examples: Sequence[Example], device: torch.device | str = "cpu", share_prompts: bool = False) -> PackedBatch:
+    """Concatenate `examples` into one row; with `share_prompts`, rollouts of the same prompt
+    use one copy of it (their responses follow it elsewhere in the row, positions continuing
+    from the prompt's end), so the model computes each prompt once per micro-batch."""
     ids: List[int] = []
     pos: List[int] = []
     logit_index: List[int] = []
     targets: List[int] = []
     owner: List[int] = []
+    spans: Dict[Tuple[int, ...], Tuple[int, int]] = {}
+    prompts, responses, owns = [], [], []
     for k, r in enumerate(examples):
-        start = len(ids)
-        seq = list(r.prompt_ids) + list(r.response_ids)
-        ids.extend(seq)
-        pos.extend(range(len(seq)))
         p = len(r.prompt_ids)
-        # logits at position t predict token t + 1
-        logit_index.extend(range(start + p - 1, start + len(seq) - 1))
+        key = tuple(r.prompt_ids)
+        owns.append(not (share_prompts and key in spans))
+        if owns[-1]:
+            spans[key] = (len(ids), p)
+            ids.extend(r.prompt_ids)
+            pos.extend(range(p))
+        prompts.append(spans[key])
+        start, n = len(ids), len(r.response_ids)
+        responses.append((start, n))
+        ids.extend(r.response_ids)
+        pos.extend(range(p, p + n))
+        if n:  # logits at position t predict token t + 1; the first response token is read at the prompt's end
+            logit_index.append(spans[key][0] + p - 1)
+            logit_index.extend(range(start, start + n - 1))
         targets.extend(r.response_ids)
-        owner.extend([k] * len(r.response_ids))
+        owner.extend([k] * n)
 
     def t(x):
         return torch.tensor(x, dtype=torch.long, device=device)
 
-    lens = [r.length for r in examples]
-    cu = torch.tensor([0] + lens, dtype=torch.int32, device=device).cumsum(0, dtype=torch.int32)
-    return PackedBatch(t(ids)[None], t(pos)[None], t(logit_index), t(targets), t(owner), list(examples), cu,
+    layout = PackedLayout(prompts, responses, owns, len(ids))
+    lens = layout.lengths()
+    cu = None if layout.shared else torch.tensor([0] + lens, dtype=torch.int32, device=device).cumsum(
+        0, dtype=torch.int32)
+    return PackedBatch(t(ids)[None], t(pos)[None], t(logit_index), t(targets), t(owner), list(examples), layout, cu,
                        max(lens, default=0))
 
 
@@ -101,8 +128,14 @@ def packed_logprobs(model, batch: PackedBatch, temperature: float = 1.0, with_en
     DeepSpeed engine's module): calling its submodules keeps ZeRO-3's gather hooks in play.
     """
     backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    varlen = dict(cu_seq_lens_q=batch.cu_seqlens, cu_seq_lens_k=batch.cu_seqlens, max_length_q=batch.max_len,
-                  max_length_k=batch.max_len)  # used by packed_sdpa and flash-attention; ignored by others
+    attn = getattr(model.config, "_attn_implementation", None)
+    if batch.layout.shared and attn != PACKED_SDPA:
+        raise ValueError(f"a packed batch with shared prompts needs attn_implementation={PACKED_SDPA!r}, "
+                         f"not {attn!r} (varlen kernels take contiguous sequences only)")
+    varlen = dict(packed_layout=batch.layout)  # read by packed_sdpa; ignored by other implementations
+    if batch.cu_seqlens is not None:  # flash-attention's varlen kernels
+        varlen.update(cu_seq_lens_q=batch.cu_seqlens, cu_seq_lens_k=batch.cu_seqlens, max_length_q=batch.max_len,
+                      max_length_k=batch.max_len)
     hidden = backbone(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
                       **varlen).last_hidden_state
     hidden = hidden[0].index_select(0, batch.logit_index)

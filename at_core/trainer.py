@@ -174,7 +174,7 @@ def update(ctx: Context, stage: DictConfig, examples: List[Example]) -> Dict[str
     algo = ctx.cfg.algorithm
     ref = None
     if ctx.reference is not None:
-        ref = compute_logprobs(ctx.reference, examples, algo.micro_batch_tokens, stage.temperature)
+        ref = compute_logprobs(ctx.reference, examples, algo, stage.temperature)
     n_mini = -(-stage.prompts_per_step // algo.mini_batch_prompts) if algo.mini_batch_prompts else 1
     return update_policy(ctx.engine, examples, algo, stage.temperature, ref, n_mini, stage.max_response_len)
 

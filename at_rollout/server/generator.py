@@ -16,6 +16,7 @@ Two definitions the trainer relies on live here:
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import random
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 GREEDY_EPS = 1e-6  # temperatures below this sample greedily (SGLang's convention)
 _UNIFORM_CHUNK = 256  # uniforms drawn per row at a time (one generator call per row per chunk)
@@ -285,8 +287,9 @@ class Generator:
                     cache.batch_select_indices(keep)
                     active, tok, mask, next_pos, live = active[keep], tok[keep], mask[keep], next_pos[keep], live[keep]
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-            out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                             use_cache=True, **{self._cache_kw: cache})
+            with self._decode_attention():
+                out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                                 use_cache=True, **{self._cache_kw: cache})
             logits = out.logits[:, -1].float()
             next_pos = next_pos + 1
             del out
@@ -294,6 +297,14 @@ class Generator:
         for r in active[live].tolist():
             finish.setdefault(r, {"type": "abort", "message": "generation aborted (pause_generation)"})
         return self._collect(rows, hist_rows, hist_tok, hist_lp, finish, prompts, samples_out)
+
+    def _decode_attention(self):
+        """SDPA's kernel for one-token decode steps: on CPUs the plain math kernel (two small
+        matmuls per head), which beat the flash kernel's blocking at one query row by ~15% of
+        a rollout (docs/benchmarks.md); elsewhere SDPA's own choice."""
+        if self.device.type != "cpu":
+            return contextlib.nullcontext()
+        return sdpa_kernel(SDPBackend.MATH)
 
     def _row_seed(self, p: SamplingParams, item: int, sample: int) -> int:
         if p.sampling_seed is None:
