@@ -3,8 +3,10 @@
 AutoThink batches mix no-think answers with think traces about ten times longer. The padded
 baseline is what fixed-size micro-batching does: B sequences in arrival order, padded to the
 longest. The packed path is the trainer's: `plan_micro_batches` under a token budget and
-`packed_logprobs` with restarting position ids. Both run the same model, the same GRPO loss
-(`token_loss` with the clipped surrogate) and an AdamW step; tokens/s counts real (non-pad) tokens only.
+`packed_logprobs` with restarting position ids; "shared" is the packed path with each
+prompt computed once for its rollouts (`algorithm.share_prompts`, the trainer's default with
+packed SDPA). All run the same model, the same GRPO loss (`token_loss` with the clipped
+surrogate) and an AdamW step; tokens/s counts response tokens only.
 
     python benchmarks/train_step.py [--size small] [--prompts 16] [--rollouts 8] [--repeats 3]
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import tempfile
 import time
 
@@ -40,9 +43,10 @@ def make_batch(prompts: int, rollouts: int, short: int, long: int, vocab: int, s
     return out
 
 
-def step_packed(model, opt, rollouts, budget):
-    for idx in plan_micro_batches([r.length for r in rollouts], budget):
-        batch = pack([rollouts[i] for i in idx])
+def step_packed(model, opt, rollouts, budget, share=False):
+    prompts = [(tuple(r.prompt_ids), len(r.prompt_ids)) for r in rollouts] if share else None
+    for idx in plan_micro_batches([r.length for r in rollouts], budget, prompts):
+        batch = pack([rollouts[i] for i in idx], share_prompts=share)
         logp, ent = packed_logprobs(model, batch, 0.6, with_entropy=True)
         adv = torch.tensor([rollouts[i].advantage for i in idx])[batch.seq_of_token]
         (token_loss(logp, logp.detach(), adv, ALGO, entropy=ent)[0].sum() * 1e-3).backward()
@@ -96,7 +100,8 @@ def main() -> None:
     tokens = sum(len(r.response_ids) for r in rollouts)
     budget = args.budget or args.micro_size * (args.long + 45)  # the padded micro-batch's worst-case footprint
     runs = {"padded": lambda: step_padded(model, opt, rollouts, args.micro_size),
-            "packed": lambda: step_packed(model, opt, rollouts, budget)}
+            "packed": lambda: step_packed(model, opt, rollouts, budget),
+            "shared": lambda: step_packed(model, opt, rollouts, budget, share=True)}
     for fn in runs.values():  # warm up
         fn()
     times = {k: [] for k in runs}
@@ -106,14 +111,15 @@ def main() -> None:
             fn()
             times[name].append(time.perf_counter() - t)
     lens = sorted(len(r.response_ids) for r in rollouts)
+    prompt_tokens = sum(len(r.prompt_ids) for r in rollouts)
     print(f"batch: {len(rollouts)} rollouts, response tokens {tokens} (min {lens[0]}, median {lens[len(lens) // 2]}, "
-          f"max {lens[-1]}), model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
+          f"max {lens[-1]}), prompt tokens {prompt_tokens} ({prompt_tokens // args.rollouts} distinct), model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
           f"{torch.get_num_threads()} threads")
-    print(f"{'path':<8} {'best s/step':>12} {'tokens/s':>10} {'vs padded':>10}")
-    base = min(times["padded"])
-    for name in runs:
-        best = min(times[name])
-        print(f"{name:<8} {best:12.3f} {tokens / best:10.0f} {base / best:9.2f}x")
+    print(f"{'path':<8} {'median s/step (range)':>24} {'tokens/s':>10} {'vs padded':>10} {'vs packed':>10}")
+    med = {k: statistics.median(v) for k, v in times.items()}
+    for name, ts in times.items():
+        print(f"{name:<8} {med[name]:9.3f} ({min(ts):.3f}-{max(ts):.3f}) {tokens / med[name]:10.0f} "
+              f"{med['padded'] / med[name]:9.2f}x {med['packed'] / med[name]:9.2f}x")
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ threads per process. TRL is configured for the same batch: per_device_train_batc
 completions (= 32 prompts x num_generations 8), steps_per_generation=1, num_iterations=1,
 use_vllm=False, use_cpu=True, loss_type "dapo" (token mean over the batch, as ours).
 
-Ours runs the real path: `python -m at_core.train` with DeepSpeed, the rollout server process
-and a weight sync every step. Each side runs in a fresh process; with --rounds > 1 they
+Ours runs the real path: `python -m at_core.train` with DeepSpeed (the main job's config: ZeRO-0
+in one process), the rollout server process and a weight sync every step. Each side runs in a fresh process; with --rounds > 1 they
 alternate (ours, TRL, ours, ...) so drift on a shared machine hits both. The first
 `--warmup` steps of every run are excluded. Reported: seconds per step, generated tokens per
 second (generated tokens / step time), and our breakdown (rollout, reward, update, sync).

@@ -5,8 +5,9 @@
 1. SFT: distil a tiny Qwen2 "R1" from a programmatic teacher (built once, then reused).
 2. Evaluate the base with the standard, forced no-think and ellipsis prompts.
 3. RL stages 1 (batch balance), 2 (accuracy) and 3 (length shaping) through the real
-   trainer: DeepSpeed ZeRO-3, the rollout server on loopback, weight sync every step;
-   each stage is evaluated with the ellipsis prompt when it ends.
+   trainer: DeepSpeed engines (ZeRO-0 in this one process, ZeRO-3 with --quick), the rollout
+   server on loopback, weight sync every step; each stage is evaluated with the ellipsis prompt
+   when it ends.
 4. Write results.json, results.md (Table 1 in miniature), tradeoff.png, think_rate.png.
 
 `--ablations` adds the paper's ablations, each a full RL run from the same base in
