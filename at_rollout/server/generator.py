@@ -301,7 +301,7 @@ class Generator:
     def _decode_attention(self):
         """SDPA's kernel for one-token decode steps: on CPUs the plain math kernel (two small
         matmuls per head), which beat the flash kernel's blocking at one query row by ~15% of
-        a rollout (docs/benchmarks.md); elsewhere SDPA's own choice."""
+        a rollout (docs/tiny_world.md, "Where the time goes"); elsewhere SDPA's own choice."""
         if self.device.type != "cpu":
             return contextlib.nullcontext()
         return sdpa_kernel(SDPBackend.MATH)
