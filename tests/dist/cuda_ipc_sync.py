@@ -12,6 +12,7 @@ import torch.distributed as dist
 from at_rollout.client import RolloutClient, RolloutError
 from at_rollout.transports.cuda_ipc import CudaIpcTransport, EnginePlacement
 from at_rollout.weight_sync import WeightSync
+from world import leave_world
 
 
 def sha(t):
@@ -52,7 +53,7 @@ def main():
     if rank == 0:
         with open(out, "w") as f:
             json.dump(result, f)
-    dist.destroy_process_group()
+    leave_world()
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from at_core.actor import backward_mini_batch
 from at_core.config import load_config
 from at_core.engines import build_actor
 from at_core.packing import Example
+from world import leave_world
 
 model_dir, budget, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 cfg = load_config(overrides=[f"algorithm.micro_batch_tokens={budget}", "algorithm.entropy_coef=0.01"])
@@ -25,3 +26,4 @@ stats = backward_mini_batch(engine, mine, cfg.algorithm, temperature=0.7)
 grads = {n: safe_get_full_grad(p).clone() for n, p in engine.module.lm.named_parameters()}
 if rank == 0:
     torch.save({"grads": grads, "micro": len(mine) * 12 // budget}, out)
+leave_world()

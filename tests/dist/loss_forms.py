@@ -9,6 +9,7 @@ from at_core.actor import backward_mini_batch
 from at_core.config import load_config
 from at_core.engines import build_actor
 from at_core.packing import Example
+from world import leave_world
 
 model_dir, budget, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 forms = sys.argv[4].split(",")
@@ -36,5 +37,4 @@ for form in forms:
 if dist.get_rank() == 0:
     batch = [(r.prompt_ids, r.response_ids, r.advantage) for r in rollouts()]
     torch.save({"grads": saved, "rollouts": batch}, out)
-dist.barrier()
-dist.destroy_process_group()
+leave_world()

@@ -11,6 +11,7 @@ from at_core.config import load_config
 from at_core.engines import build_actor, init_distributed, policy_lm, reset_optimizer
 from at_core.export import export_hf
 from at_core.packing import Example
+from world import leave_world
 
 model_dir, work, out = sys.argv[1], sys.argv[2], sys.argv[3]
 init_distributed()
@@ -43,3 +44,4 @@ step(continued, 2)  # no reset: the moments of step 1 carry over
 reset_optimizer(first)
 step(first, 2)
 torch.save({"reset": weights(first), "fresh": weights(fresh), "continued": weights(continued)}, out)
+leave_world()
