@@ -236,9 +236,9 @@ def test_a_server_dying_mid_response_is_a_rollout_error_and_retried():
         for _ in range(2):  # the first try and its one retry
             conn, _ = sock.accept()
             conn.recv(65536)
+            answered.append(1)  # before the reply: the client cannot see the reply before it is counted
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n[{\"te")
             conn.close()
-            answered.append(1)
 
     threading.Thread(target=serve, daemon=True).start()
     client = RolloutClient(f"http://127.0.0.1:{sock.getsockname()[1]}", retries=1, backoff_s=0.01)
