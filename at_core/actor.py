@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from at_core.algorithms.losses import StepCounts, loss_weights, token_loss
 from at_core.attention import PACKED_SDPA
 from at_core.engines import policy_lm
-from at_core.packing import Example, pack, plan_micro_batches
+from at_core.packing import Example, pack, plan_examples
 
 
 def _all_reduce(values: List[float], op=dist.ReduceOp.SUM) -> List[float]:
@@ -41,8 +41,7 @@ def shares_prompts(engine, algo: DictConfig) -> bool:
 
 def _micro_plan(examples: Sequence[Example], token_budget: int, share: bool) -> List[List[int]]:
     """This rank's micro-batches, padded to the largest count on any rank (empty = filler)."""
-    prompts = [(tuple(r.prompt_ids), len(r.prompt_ids)) for r in examples] if share else None
-    plan = plan_micro_batches([r.length for r in examples], token_budget, prompts) if examples else []
+    plan = plan_examples(examples, token_budget, share) if examples else []
     count = int(_all_reduce([len(plan)], dist.ReduceOp.MAX)[0])
     return plan + [[] for _ in range(count - len(plan))]
 

@@ -64,6 +64,13 @@ def plan_micro_batches(lengths: Sequence[int], token_budget: int,
     return [sorted(b) for b in bins]
 
 
+def plan_examples(examples: Sequence[Example], token_budget: int, share_prompts: bool = False) -> List[List[int]]:
+    """`plan_micro_batches` over examples; with `share_prompts`, a prompt counts once per bin,
+    as `pack(..., share_prompts=True)` lays it out."""
+    prompts = [(tuple(r.prompt_ids), len(r.prompt_ids)) for r in examples] if share_prompts else None
+    return plan_micro_batches([r.length for r in examples], token_budget, prompts)
+
+
 @dataclass
 class PackedBatch:
     input_ids: torch.Tensor  # [1, T]

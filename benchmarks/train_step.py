@@ -2,7 +2,7 @@
 
 AutoThink batches mix no-think answers with think traces about ten times longer. The padded
 baseline is what fixed-size micro-batching does: B sequences in arrival order, padded to the
-longest. The packed path is the trainer's: `plan_micro_batches` under a token budget and
+longest. The packed path is the trainer's: `plan_examples` (first-fit decreasing) under a token budget and
 `packed_logprobs` with restarting position ids; "shared" is the packed path with each
 prompt computed once for its rollouts (`algorithm.share_prompts`, the trainer's default with
 packed SDPA). All run the same model, the same GRPO loss (`token_loss` with the clipped
@@ -24,7 +24,7 @@ from at_core.algorithms.losses import token_loss
 from at_core.config import load_config
 from at_core.attention import PACKED_SDPA
 from at_core.logprob import token_logprobs
-from at_core.packing import Example, pack, packed_logprobs, plan_micro_batches
+from at_core.packing import Example, pack, packed_logprobs, plan_examples
 from at_core.tiny import build_random_model
 
 
@@ -44,8 +44,7 @@ def make_batch(prompts: int, rollouts: int, short: int, long: int, vocab: int, s
 
 
 def step_packed(model, opt, rollouts, budget, share=False):
-    prompts = [(tuple(r.prompt_ids), len(r.prompt_ids)) for r in rollouts] if share else None
-    for idx in plan_micro_batches([r.length for r in rollouts], budget, prompts):
+    for idx in plan_examples(rollouts, budget, share):
         batch = pack([rollouts[i] for i in idx], share_prompts=share)
         logp, ent = packed_logprobs(model, batch, 0.6, with_entropy=True)
         adv = torch.tensor([rollouts[i].advantage for i in idx])[batch.seq_of_token]
