@@ -16,7 +16,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from at_core.algorithms.losses import StepCounts, loss_weights, token_loss
-from at_core.attention import PACKED_SDPA
+from at_core.attention import reads_shared_prompts
 from at_core.engines import policy_lm
 from at_core.packing import Example, pack, plan_examples
 
@@ -35,8 +35,8 @@ def _device(engine) -> torch.device:
 
 def shares_prompts(engine, algo: DictConfig) -> bool:
     """Whether micro-batches share each prompt among its rollouts: as configured, where the
-    attention can read a shared layout (packed SDPA; flash-attention's varlen kernel cannot)."""
-    return bool(algo.share_prompts) and policy_lm(engine).config._attn_implementation == PACKED_SDPA
+    attention can read a shared layout."""
+    return bool(algo.share_prompts) and reads_shared_prompts(policy_lm(engine).config)
 
 
 def _micro_plan(examples: Sequence[Example], token_budget: int, share: bool) -> List[List[int]]:

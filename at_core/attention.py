@@ -148,6 +148,12 @@ def _length_buckets(lens: list[int], max_buckets: int = 3) -> list[list[int]]:
 AttentionInterface.register(PACKED_SDPA, packed_sdpa_forward)
 
 
+def reads_shared_prompts(config) -> bool:
+    """Whether a model's attention can read a layout whose prompts are shared: packed SDPA
+    gathers by index; flash-attention's varlen kernels take contiguous sequences only."""
+    return getattr(config, "_attn_implementation", None) == PACKED_SDPA
+
+
 def training_attn_implementation(configured: str) -> str:
     """The implementation the trainer loads: flash-attention as configured, else packed SDPA."""
     return configured if configured.startswith("flash_attention") else PACKED_SDPA

@@ -15,7 +15,7 @@ from typing import Dict, Hashable, List, Sequence, Tuple
 
 import torch
 
-from at_core.attention import PACKED_SDPA, PackedLayout  # importing it registers the packed attention
+from at_core.attention import PACKED_SDPA, PackedLayout, reads_shared_prompts  # importing it registers the packed attention
 from at_core.logprob import lm_head_token_logprobs
 
 
@@ -135,10 +135,10 @@ def packed_logprobs(model, batch: PackedBatch, temperature: float = 1.0, with_en
     DeepSpeed engine's module): calling its submodules keeps ZeRO-3's gather hooks in play.
     """
     backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    attn = getattr(model.config, "_attn_implementation", None)
-    if batch.layout.shared and attn != PACKED_SDPA:
-        raise ValueError(f"a packed batch with shared prompts needs attn_implementation={PACKED_SDPA!r}, "
-                         f"not {attn!r} (varlen kernels take contiguous sequences only)")
+    if batch.layout.shared and not reads_shared_prompts(model.config):
+        raise ValueError(f"a packed batch with shared prompts needs attn_implementation={PACKED_SDPA!r}, not "
+                         f"{getattr(model.config, '_attn_implementation', None)!r} (varlen kernels take contiguous "
+                         f"sequences only)")
     varlen = dict(packed_layout=batch.layout)  # read by packed_sdpa; ignored by other implementations
     if batch.cu_seqlens is not None:  # flash-attention's varlen kernels
         varlen.update(cu_seq_lens_q=batch.cu_seqlens, cu_seq_lens_k=batch.cu_seqlens, max_length_q=batch.max_len,
