@@ -140,3 +140,47 @@ def test_bad_params_name_the_field():
     with pytest.raises(SamplingParamsError) as err:
         SamplingParams(n=0)
     assert err.value.field == "n"
+
+
+def _same_samples(a, b):
+    assert [s.output_ids for s in a] == [s.output_ids for s in b]
+    for x, y in zip(a, b):
+        assert x.finish_reason == y.finish_reason
+        assert max([abs(p - q) for p, q in zip(x.logprobs, y.logprobs)] + [0.0]) < 1e-5
+
+
+def _mixed_params():
+    """Different n, lengths and a stop token per prompt: rows finish at different steps, so the
+    batch compacts and whole prompts leave the shared prefix."""
+    stops = list(range(10, 110))  # about one token in four ends a row
+    return [SamplingParams(max_new_tokens=30, temperature=1.0, n=4, sampling_seed=4, stop_token_ids=stops),
+            SamplingParams(max_new_tokens=2, temperature=1.0, n=1, sampling_seed=4),
+            SamplingParams(max_new_tokens=12, temperature=0.8, n=5, sampling_seed=4)]
+
+
+def test_shared_prefix_decode_samples_what_the_repeated_cache_samples(gen, prompts):
+    assert gen._shared_prefix  # the tiny Qwen2 (grouped-query attention) decodes over the shared prefix
+    plain = Generator(gen.model, gen.tokenizer, shared_prefix=False)
+    _same_samples(gen.generate(prompts, _mixed_params()), plain.generate(prompts, _mixed_params()))
+
+
+def test_shared_prefix_decode_on_a_multi_head_llama(tiny_model_dir, prompts):
+    """Another family (Llama), one query head per KV head."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                         max_position_embeddings=256, attn_implementation="sdpa",
+                                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    shared, plain = Generator(model, tok), Generator(model, tok, shared_prefix=False)
+    assert shared._shared_prefix
+    _same_samples(shared.generate(prompts, _mixed_params()), plain.generate(prompts, _mixed_params()))
+
+
+def test_sliding_window_models_keep_the_plain_cache(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, use_sliding_window=True, sliding_window=8)
+    assert not Generator(model)._shared_prefix

@@ -1,8 +1,9 @@
 """In-process batched sampling for a Hugging Face causal LM (the engine behind our server).
 
-Every prompt of a call is prefilled once, its KV cache is repeated for its `n` samples, and
-all rows then decode together (left padding, attention mask, explicit position ids). Rows
-that finish leave the batch, so a call costs what its longest sample costs, not the sum.
+Every prompt of a call is prefilled once and all rows then decode together (left padding,
+explicit position ids). The decode steps read each prompt's KV once for its `n` samples
+(`shared_prefix.py`; models it does not cover repeat the cache per row). Rows that finish
+leave the batch, so a call costs what its longest sample costs, not the sum.
 
 Two definitions the trainer relies on live here:
 
@@ -26,6 +27,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from at_rollout.server.shared_prefix import SHARED_PREFIX, SharedPrefixCache
+from at_rollout.server.shared_prefix import supports as supports_shared_prefix
 
 GREEDY_EPS = 1e-6  # temperatures below this sample greedily (SGLang's convention)
 _UNIFORM_CHUNK = 256  # uniforms drawn per row at a time (one generator call per row per chunk)
@@ -117,7 +121,7 @@ class Generator:
     """Batched sampling with a KV cache for an HF causal LM; see the module docstring."""
 
     def __init__(self, model, tokenizer=None, *, eos_token_ids: Optional[Sequence[int]] = None,
-                 max_batch_rows: int = 1024, seed: Optional[int] = None):
+                 max_batch_rows: int = 1024, seed: Optional[int] = None, shared_prefix: bool = True):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
@@ -128,6 +132,7 @@ class Generator:
         pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
         self.pad_token_id = int(pad if pad is not None else (self.eos_token_ids or (0,))[0])
         self._cache_kw = _cache_keyword(model)
+        self._shared_prefix = shared_prefix and supports_shared_prefix(model)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: str = "auto", device: str = "auto",
@@ -219,7 +224,10 @@ class Generator:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
                          **{self._cache_kw: cache})
         index = torch.tensor(expand, device=dev)
-        if len(expand) != len(prompts) or expand != list(range(len(prompts))):
+        limit = max(rows.limit)
+        if self._shared_prefix and limit > 0:
+            cache = SharedPrefixCache(cache, mask, index, capacity=limit)
+        elif len(expand) != len(prompts) or expand != list(range(len(prompts))):
             cache.batch_select_indices(index)
         logits = out.logits[:, -1].float().index_select(0, index)
         mask = mask.index_select(0, index)
@@ -284,24 +292,42 @@ class Generator:
                 # Drop finished rows once they are an eighth of the batch (a cache copy each time).
                 if dead * 8 >= live.numel():
                     keep = live.nonzero().flatten()
-                    cache.batch_select_indices(keep)
+                    if isinstance(cache, SharedPrefixCache):
+                        cache.select_rows(keep)
+                    else:
+                        cache.batch_select_indices(keep)
                     active, tok, mask, next_pos, live = active[keep], tok[keep], mask[keep], next_pos[keep], live[keep]
-            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-            with self._decode_attention():
-                out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                                 use_cache=True, **{self._cache_kw: cache})
-            logits = out.logits[:, -1].float()
+            logits, mask = self._decode_step(tok, mask, next_pos, cache)
             next_pos = next_pos + 1
-            del out
 
         for r in active[live].tolist():
             finish.setdefault(r, {"type": "abort", "message": "generation aborted (pause_generation)"})
         return self._collect(rows, hist_rows, hist_tok, hist_lp, finish, prompts, samples_out)
 
+    def _decode_step(self, tok, mask, next_pos, cache):
+        """One token per row through the model. Over a SharedPrefixCache the step runs under
+        its own attention (no mask: the prefix carries its padding, generated tokens have none);
+        otherwise the plain cache grows by one column of mask. Returns (logits, mask)."""
+        if isinstance(cache, SharedPrefixCache):
+            config = self.model.config
+            own = config._attn_implementation
+            config._attn_implementation = SHARED_PREFIX
+            try:
+                out = self.model(input_ids=tok[:, None], position_ids=next_pos[:, None], use_cache=True,
+                                 shared_prefix=cache, **{self._cache_kw: cache})
+            finally:
+                config._attn_implementation = own
+        else:
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+            with self._decode_attention():
+                out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                                 use_cache=True, **{self._cache_kw: cache})
+        return out.logits[:, -1].float(), mask
+
     def _decode_attention(self):
-        """SDPA's kernel for one-token decode steps: on CPUs the plain math kernel (two small
-        matmuls per head), which beat the flash kernel's blocking at one query row by ~15% of
-        a rollout (docs/tiny_world.md, "Where the time goes"); elsewhere SDPA's own choice."""
+        """SDPA's kernel for one-token decode steps over the plain cache: on CPUs the math
+        kernel (two small matmuls per head), which beat the flash kernel's blocking at one
+        query row by ~15% of a rollout (docs/tiny_world.md); elsewhere SDPA's own choice."""
         if self.device.type != "cpu":
             return contextlib.nullcontext()
         return sdpa_kernel(SDPBackend.MATH)
