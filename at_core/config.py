@@ -132,6 +132,10 @@ class ClusterConfig:
 class RolloutConfig:
     backend: str = "server"  # server: the project's own server; sglang: launch SGLang
     urls: List[str] = field(default_factory=list)  # already-running servers (skip launching)
+    # Engines rank 0 launches (our server): data parallel over prompt groups, on this machine.
+    # 0: one single-threaded engine per torch thread of the trainer (CPU runs, docs/rollout.md).
+    engines: int = 1
+    engine_threads: int = 0  # torch threads per launched engine; 0: the trainer's threads / engines
     host: str = "127.0.0.1"
     port: int = 0  # 0: pick a free port
     api_key: Optional[str] = None
@@ -281,6 +285,13 @@ def validate(cfg: DictConfig) -> None:
                 raise ConfigError(f"config key 'stage.{name}.{key}' must be >= 1, got {st[key]}")
         if st.steps < 0:
             raise ConfigError(f"config key 'stage.{name}.steps' must be >= 0, got {st.steps}")
+    for key in ("rollout.engines", "rollout.engine_threads"):
+        if OmegaConf.select(cfg, key) < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {OmegaConf.select(cfg, key)}")
+    if cfg.rollout.engines != 1 and not cfg.rollout.urls and not BACKENDS[cfg.rollout.backend].launches_engines:
+        raise ConfigError(f"config key 'rollout.engines' must be 1 with rollout.backend={cfg.rollout.backend}: "
+                          "it launches one engine (use its own data parallelism, or list running engines "
+                          "in rollout.urls)")
     if str(cfg.start_stage) not in cfg.stage:
         raise ConfigError(f"start_stage={cfg.start_stage} is not a configured stage ({', '.join(cfg.stage)})")
 

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
@@ -96,11 +98,18 @@ class RolloutWorkers:
             for c in self.clients:
                 c.wait_for_health(self.cfg.startup_timeout_s)
             return
-        server = self.backend.server(self.cfg, self.model_path, seed=self.seed,
-                                     log_file=self.out_dir / "rollout_server.log")
-        server.start()
-        self.servers = [server]
-        self.clients = [self.backend.client(server.url, **kw)]
+        engines, threads = launch_plan(self.cfg, torch.get_num_threads())
+        logs = ["rollout_server.log"] if engines == 1 else [f"rollout_server{i}.log" for i in range(engines)]
+        self.servers = [self.backend.server(self.cfg, self.model_path, seed=self.seed, log_file=self.out_dir / log,
+                                            threads=threads) for log in logs]
+        try:  # side by side: each start is mostly the child's imports
+            with ThreadPoolExecutor(max_workers=engines) as pool:
+                list(pool.map(lambda s: s.start(), self.servers))
+        except RolloutError:
+            self.close()
+            raise
+        self.clients = [self.backend.client(s.url, **kw) for s in self.servers]
+        log.info("%d rollout engine(s) up, %s torch threads each", engines, threads or "inherited")
 
     def close(self) -> None:
         if self.weight_sync is not None:
@@ -223,6 +232,17 @@ class RolloutWorkers:
             time.sleep(0.5)
         _raise_agreed(broadcast_from_rank0(failed))
         self.restarts += 1
+
+
+def launch_plan(rcfg, trainer_threads: int) -> tuple[int, Optional[int]]:
+    """(engines to launch, torch threads each; None: inherited) from `rollout.engines` and
+    `rollout.engine_threads`. Several engines split the trainer's threads: on CPUs, one
+    single-threaded engine per core decodes faster than one engine with every core, whose
+    small per-step ops barely use a second thread (docs/rollout.md)."""
+    engines = int(rcfg.engines) or max(1, trainer_threads)
+    if rcfg.engine_threads:
+        return engines, int(rcfg.engine_threads)
+    return engines, (None if engines == 1 else max(1, trainer_threads // engines))
 
 
 def _raise_agreed(error: Optional[tuple], prefix: str = "") -> None:

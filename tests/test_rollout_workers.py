@@ -30,3 +30,27 @@ def test_generate_groups_n_samples_per_prompt(server, tiny_model_dir, tmp_path, 
         assert len({tuple(s.output_ids) for g in out for s in g}) > 3  # samples are not copies of each other
     finally:
         workers.close()
+
+
+def test_launch_plan_splits_the_trainer_threads_across_engines():
+    from at_core.rollout import launch_plan
+
+    def plan(engines, engine_threads, trainer_threads):
+        cfg = load_config(overrides=[f"rollout.engines={engines}", f"rollout.engine_threads={engine_threads}"])
+        return launch_plan(cfg.rollout, trainer_threads)
+
+    assert plan(1, 0, 8) == (1, None)  # one engine inherits the environment's threads, as before
+    assert plan(0, 0, 2) == (2, 1) and plan(0, 0, 1) == (1, None)  # one single-threaded engine per thread
+    assert plan(2, 0, 8) == (2, 4) and plan(4, 0, 2) == (4, 1) and plan(2, 3, 8) == (2, 3)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["rollout.engines=-1"], "rollout.engines' must be >= 0"),
+    (["rollout.engine_threads=-2"], "rollout.engine_threads' must be >= 0"),
+    (["rollout.backend=sglang", "rollout.engines=2"], "rollout.engines' must be 1 with rollout.backend=sglang"),
+])
+def test_bad_engine_counts_name_the_key(overrides, match):
+    from at_core.config import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        load_config(overrides=overrides)

@@ -19,11 +19,11 @@ SMALL = [
 ]
 
 
-def _run(model_dir, out, *extra, nproc=None, timeout=420):
+def _run(model_dir, out, *extra, nproc=None, timeout=420, env=None):
     args = ["--model-path", str(model_dir), "--out", str(out), *SMALL, *extra]
     if nproc:
         return torchrun(ROOT / "at_core" / "train.py", nproc, *args, timeout=timeout)
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run([sys.executable, "-m", "at_core.train", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-5000:]
@@ -47,6 +47,18 @@ def test_one_process_run_writes_everything(tiny_model_dir, tmp_path):
     assert (out / "config.yaml").exists() and list((out / "tensorboard").iterdir())
     for stage in ("1", "2", "3"):  # stage 2 has 0 steps and still exports
         AutoModelForCausalLM.from_pretrained(out / "export" / f"stage{stage}")
+
+
+@pytest.mark.timeout(600)
+def test_two_launched_engines_share_the_threads_and_both_take_every_sync(tiny_model_dir, tmp_path):
+    out = tmp_path / "engines"
+    # MKL_NUM_THREADS in the environment: torch would take it over an engine's OMP_NUM_THREADS
+    proc = _run(tiny_model_dir, out, "stage.1.steps=2", "stage.3.steps=0", "rollout.engines=2",
+                env={"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"})
+    assert "2 rollout engine(s)" in proc.stderr
+    for i in (0, 1):  # each single-threaded; a step's samples carry the synced version, so both were synced
+        text = (out / f"rollout_server{i}.log").read_text()
+        assert "(cpu, 1 torch threads)" in text and text.count("update_weights_from_tensor") >= 3
 
 
 @pytest.mark.timeout(600)

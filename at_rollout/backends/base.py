@@ -34,6 +34,8 @@ class RolloutBackend:
     # entries, each with a seed of its own.
     seeds_samples_alike = False
     group_backend: Optional[str] = None  # of the broadcast weight-update group (None: NCCL on GPU, else gloo)
+    launches_engines = False  # the trainer may launch several (`rollout.engines`), each with its threads
+
 
     # ---------------------------------------------------------------- config
     def check_config(self, rollout: Any) -> None:
@@ -54,8 +56,9 @@ class RolloutBackend:
         return RolloutClient(url, **kwargs)
 
     def server(self, rollout: Any, model_path: str | Path, *, seed: int = 0,
-               log_file: Optional[str | Path] = None) -> ManagedServer:
-        """The engine process the trainer launches (not started yet)."""
+               log_file: Optional[str | Path] = None, threads: Optional[int] = None) -> ManagedServer:
+        """The engine process the trainer launches (not started yet); `threads`: its torch
+        threads (None: inherited), for backends that `launches_engines`."""
         raise NotImplementedError
 
     def launch_command(self, rollout: Any, model_path: str | Path, port: int, *, seed: int = 0,

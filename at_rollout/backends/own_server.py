@@ -23,10 +23,16 @@ class OwnServer(RolloutBackend):
     name = "server"
     description = "The project's own server"
 
-    def server(self, rollout: Any, model_path, *, seed: int = 0, log_file=None) -> "LocalServer":
+    launches_engines = True
+
+    def server(self, rollout: Any, model_path, *, seed: int = 0, log_file=None,
+               threads: Optional[int] = None) -> "LocalServer":
+        # Both names: torch takes MKL_NUM_THREADS over OMP_NUM_THREADS when both are set.
+        env = None if threads is None else {**os.environ, "OMP_NUM_THREADS": str(int(threads)),
+                                            "MKL_NUM_THREADS": str(int(threads))}
         return LocalServer(model_path, host=get(rollout, "host", "127.0.0.1"), port=int(get(rollout, "port", 0)),
                            api_key=get(rollout, "api_key"), log_file=log_file,
-                           startup_timeout_s=float(get(rollout, "startup_timeout_s", 300.0)))
+                           startup_timeout_s=float(get(rollout, "startup_timeout_s", 300.0)), env=env)
 
     def launch_command(self, rollout: Any, model_path, port: int, *, seed: int = 0, dtype: str = "bfloat16",
                        base_gpu_id: Optional[int] = None, python: str = sys.executable) -> list[str]:

@@ -132,7 +132,7 @@ class SGLang(RolloutBackend):
                              "take rollout.sync_method=distributed (NCCL)")
         return "cuda_ipc" if colocate else "nccl_broadcast"
 
-    def server(self, rollout: Any, model_path, *, seed: int = 0, log_file=None) -> SGLangServer:
+    def server(self, rollout: Any, model_path, *, seed: int = 0, log_file=None, threads=None) -> SGLangServer:
         return SGLangServer(rollout, model_path, seed=seed, log_file=log_file)
 
     def launch_command(self, rollout: Any, model_path, port: int, *, seed: int = 0, dtype: str = "bfloat16",

@@ -112,7 +112,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         tmp = Path(args.port_file + ".tmp")
         tmp.write_text(str(port))
         tmp.replace(args.port_file)
-    log.info("serving %s on http://%s:%d", args.model_path, args.host, port)
+    import torch
+
+    log.info("serving %s on http://%s:%d (%s, %d torch threads)", args.model_path, args.host, port,
+             generator.device, torch.get_num_threads())
     config = uvicorn.Config(app, log_level=args.log_level.lower() if args.log_level.lower() != "info" else "warning",
                             timeout_keep_alive=30)
     uvicorn.Server(config).run(sockets=[sock])
