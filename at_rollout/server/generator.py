@@ -28,7 +28,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from at_rollout.server.shared_prefix import SHARED_PREFIX, SharedPrefixCache
+from at_rollout.server.shared_prefix import SharedPrefixCache, decode_step
 from at_rollout.server.shared_prefix import supports as supports_shared_prefix
 
 GREEDY_EPS = 1e-6  # temperatures below this sample greedily (SGLang's convention)
@@ -305,23 +305,15 @@ class Generator:
         return self._collect(rows, hist_rows, hist_tok, hist_lp, finish, prompts, samples_out)
 
     def _decode_step(self, tok, mask, next_pos, cache):
-        """One token per row through the model. Over a SharedPrefixCache the step runs under
-        its own attention (no mask: the prefix carries its padding, generated tokens have none);
-        otherwise the plain cache grows by one column of mask. Returns (logits, mask)."""
+        """One token per row through the model. Over a SharedPrefixCache, `decode_step` (no
+        mask: the prefix carries its padding, generated tokens have none); otherwise the model's
+        forward, with the plain cache grown by one column of mask. Returns (logits, mask)."""
         if isinstance(cache, SharedPrefixCache):
-            config = self.model.config
-            own = config._attn_implementation
-            config._attn_implementation = SHARED_PREFIX
-            try:
-                out = self.model(input_ids=tok[:, None], position_ids=next_pos[:, None], use_cache=True,
-                                 shared_prefix=cache, **{self._cache_kw: cache})
-            finally:
-                config._attn_implementation = own
-        else:
-            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-            with self._decode_attention():
-                out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                                 use_cache=True, **{self._cache_kw: cache})
+            return decode_step(self.model, tok, next_pos, cache), mask
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+        with self._decode_attention():
+            out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                             use_cache=True, **{self._cache_kw: cache})
         return out.logits[:, -1].float(), mask
 
     def _decode_attention(self):
