@@ -22,7 +22,6 @@ tiny world's sizes. Other models keep the plain cache and the model's forward.
 from __future__ import annotations
 
 import sys
-from typing import Optional
 
 import torch
 from transformers import Cache, DynamicCache
