@@ -36,7 +36,6 @@ class RolloutBackend:
     group_backend: Optional[str] = None  # of the broadcast weight-update group (None: NCCL on GPU, else gloo)
     launches_engines = False  # the trainer may launch several (`rollout.engines`), each with its threads
 
-
     # ---------------------------------------------------------------- config
     def check_config(self, rollout: Any) -> None:
         """What this engine cannot do with the `rollout` config section, as ValueErrors naming keys."""

@@ -292,10 +292,7 @@ class Generator:
                 # Drop finished rows once they are an eighth of the batch (a cache copy each time).
                 if dead * 8 >= live.numel():
                     keep = live.nonzero().flatten()
-                    if isinstance(cache, SharedPrefixCache):
-                        cache.select_rows(keep)
-                    else:
-                        cache.batch_select_indices(keep)
+                    cache.batch_select_indices(keep)
                     active, tok, mask, next_pos, live = active[keep], tok[keep], mask[keep], next_pos[keep], live[keep]
             logits, mask = self._decode_step(tok, mask, next_pos, cache)
             next_pos = next_pos + 1

@@ -60,7 +60,7 @@ class _GeneratedLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.length
 
-    def select_rows(self, rows: torch.Tensor) -> None:
+    def batch_select_indices(self, rows: torch.Tensor) -> None:
         """Keep `rows`, copying only the tokens written so far (the rest of the buffer is free)."""
         if self.is_initialized:
             self._k, self._v = (self._compact(buf, rows) for buf in (self._k, self._v))
@@ -101,10 +101,10 @@ class SharedPrefixCache(Cache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.prefix_len + self.layers[layer_idx].get_seq_length()
 
-    def select_rows(self, rows: torch.Tensor) -> None:
+    def batch_select_indices(self, rows: torch.Tensor) -> None:
         """Keep only `rows` (batch positions, ascending); prompts left with no row are dropped."""
         for layer in self.layers:
-            layer.select_rows(rows)
+            layer.batch_select_indices(rows)
         groups = self.groups.index_select(0, rows)
         kept, groups = torch.unique(groups, return_inverse=True)  # sorted: rows stay grouped in order
         if kept.numel() < self.prefix_bias.shape[0]:
