@@ -89,9 +89,10 @@ def update_policy(engine, examples: Sequence[Example], algo: DictConfig, tempera
             for k, v in backward_mini_batch(engine, [examples[i] for i in mini], algo, temperature,
                                             on_policy, refs, max_response_len).items():
                 stats[k] += v
+            own_norm = _unreported_grad_norm(engine)
             engine.step()
             steps += 1
-            grad_norm = engine.get_global_grad_norm()
+            grad_norm = engine.get_global_grad_norm() if own_norm is None else own_norm
             stats["grad_norm"] += float(grad_norm) if grad_norm is not None else 0.0
     keys = sorted(k for k in stats if k != "grad_norm")
     totals = dict(zip(keys, _all_reduce([stats[k] for k in keys])))
@@ -101,6 +102,20 @@ def update_policy(engine, examples: Sequence[Example], algo: DictConfig, tempera
     out["update_tokens"] = tokens / max(algo.ppo_epochs, 1)
     out["lr"] = engine.optimizer.param_groups[0]["lr"]
     return out
+
+
+def _unreported_grad_norm(engine) -> Optional[float]:
+    """The gradient norm where DeepSpeed will not report it, taken before the step clips and
+    zeroes the gradients; None where it will.
+
+    DeepSpeed's ZeRO and mixed-precision optimizers keep the norm they clip with; its plain
+    fp32 path (ZeRO stage 0, e.g. the tiny run) clips without keeping it. Gradients there
+    are whole on every rank, already averaged across ranks at the accumulation boundary.
+    """
+    if engine.zero_optimization() or engine.fp16_enabled() or engine.bfloat16_enabled():
+        return None
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
 def _advantages(group: Sequence[Example]) -> List[float]:

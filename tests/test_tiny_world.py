@@ -211,6 +211,35 @@ def test_packed_rows_match_separate_sequences(quick_base):
                 at += len(seq)
 
 
+def test_the_last_rows_pair_ellipsis_modes_within_a_tier(quick_base):
+    """The problems trained last put each ellipsis think example in a row with an ellipsis
+    no-think example of its tier; every example is trained exactly once, and a zero
+    paired fraction packs as before (one example at a time)."""
+    import random
+
+    from at_core.tiny.sft import Recipe, assign_roles, pack_rows, sft_examples, sft_problems, training_rows
+
+    tok = AutoTokenizer.from_pretrained(quick_base)
+    recipe = Recipe(problems_per_tier=60, paired_fraction=0.5)
+    problems = sft_problems(recipe)
+    examples = sft_examples(problems, tok)
+    roles_of = assign_roles(problems)
+    rows = training_rows(problems, examples, recipe)
+    assert sorted(i for row in rows for i in row) == list(range(len(examples)))
+    cut = len(problems) // 2
+    head = [row for row in rows if min(row) < cut]
+    tail = rows[len(head):]
+    assert all(max(row) < cut for row in head) and all(min(row) >= cut for row in tail)  # the paired part comes last
+    for row in tail:
+        for tier in TIERS:
+            modes = [roles_of[i][1] for i in row if roles_of[i][0] == "ellipsis" and problems[i].tier == tier]
+            assert abs(modes.count("think") - modes.count("no_think")) <= 1, (tier, modes)
+    paired = [row for row in tail if sum(roles_of[i][0] == "ellipsis" for i in row) >= 2]
+    assert len(paired) >= len(tail) // 2
+    unpaired = training_rows(problems, examples, Recipe(problems_per_tier=60, paired_fraction=0.0))
+    assert unpaired == pack_rows(examples, recipe.row_tokens, random.Random(f"tiny-sft-batches:{recipe.seed}"))
+
+
 def test_every_teacher_text_round_trips_through_autotokenizer(quick_base):
     tok = AutoTokenizer.from_pretrained(quick_base)
     end_think = tok.convert_tokens_to_ids("</think>")

@@ -204,3 +204,38 @@ def test_real_model_without_training_files_names_the_key(tiny_model_dir, tmp_pat
                            str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "data.train_files" in proc.stderr and "not_tiny" in proc.stderr and "Traceback" not in proc.stderr
+
+
+_GRAD_NORM_SCRIPT = r"""
+import json, sys, torch
+from at_core.actor import backward_mini_batch, update_policy
+from at_core.config import load_config
+from at_core.engines import build_actor
+from at_core.packing import Example
+
+cfg = load_config(overrides=[f"deepspeed.zero_stage={sys.argv[2]}", "algorithm.lr=0.0", "model.dtype=fp32"])
+engine = build_actor(sys.argv[1], cfg)
+examples = [Example([5, 6, 7], [8, 9, 10, 11], advantage=1.0), Example([5, 6, 7], [12, 13], advantage=-1.0)]
+stats = update_policy(engine, examples, cfg.algorithm, 1.0)
+backward_mini_batch(engine, examples, cfg.algorithm, 1.0)  # lr 0: the same gradients again
+if int(sys.argv[2]) == 0:
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+else:
+    from deepspeed.utils import safe_get_full_grad
+    grads = [safe_get_full_grad(p) for p in engine.module.parameters()]
+print(json.dumps({"reported": stats["grad_norm"], "expected": float(torch.nn.utils.get_total_norm(grads))}))
+"""
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("zero_stage", [0, 3])
+def test_update_reports_the_gradient_norm(tiny_model_dir, zero_stage):
+    """DeepSpeed's plain fp32 path (ZeRO-0, the main job's) clips without keeping the norm;
+    the update must still log the norm it clipped."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", _GRAD_NORM_SCRIPT, str(tiny_model_dir), str(zero_stage)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    norms = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert norms["reported"] > 0
+    assert norms["reported"] == pytest.approx(norms["expected"], rel=1e-4)

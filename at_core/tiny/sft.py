@@ -67,6 +67,7 @@ class Recipe:
     decay_fraction: float = 0.25
     warmup_steps: int = 30
     weight_decay: float = 0.05
+    paired_fraction: float = 0.25  # the problems trained last, whose ellipsis examples pair by mode (`training_rows`)
     seed: int = 0
 
 
@@ -95,14 +96,21 @@ def tokenizer_corpus(problems: list[Problem]) -> list[str]:
     return texts + ["...\n"]
 
 
-def sft_examples(problems: list[Problem], tokenizer) -> list[tuple[list[int], int]]:
-    """(token ids, number of prompt tokens) per example; roles cycled within each tier."""
+def assign_roles(problems: list[Problem]) -> list[tuple[str, str]]:
+    """(prompt style, mode) of each problem's example: `roles(tier)` cycled within each tier."""
     seen = {t: 0 for t in TIERS}
-    prompts, responses = [], []
+    out = []
     for p in problems:
         cycle = roles(p.tier)
-        style, mode = cycle[seen[p.tier] % len(cycle)]
+        out.append(cycle[seen[p.tier] % len(cycle)])
         seen[p.tier] += 1
+    return out
+
+
+def sft_examples(problems: list[Problem], tokenizer) -> list[tuple[list[int], int]]:
+    """(token ids, number of prompt tokens) per example; roles cycled within each tier."""
+    prompts, responses = [], []
+    for p, (style, mode) in zip(problems, assign_roles(problems)):
         prompts.append(render_prompt(tokenizer, p.problem, style))
         responses.append(response_text(p, mode, style))
     enc_p = tokenizer(prompts, add_special_tokens=False)["input_ids"]
@@ -111,28 +119,69 @@ def sft_examples(problems: list[Problem], tokenizer) -> list[tuple[list[int], in
     return [(p + r + [eos], len(p)) for p, r in zip(enc_p, enc_r)]
 
 
-def pack_rows(examples, row_tokens: int, rng: random.Random) -> list[list[int]]:
-    """Examples (by index) packed into rows of at most `row_tokens`, in random order.
+def mode_pairs(problems: list[Problem], start: int = 0) -> list[list[int]]:
+    """Example indexes (from `start` on) grouped into units that share a packed row: each
+    ellipsis-prompt think example with an ellipsis no-think example of the same tier; every
+    other example alone.
+
+    The ellipsis prompt's mode is one token, whose probability follows the batches trained
+    last. Packed at random, a tier's think and no-think examples fall unevenly into those
+    batches, and the bases' sampled think rate on a tier ended anywhere in 0.28-0.65 over
+    seeds. In pairs, every step pulls each tier's choice back toward even odds.
+    """
+    waiting: dict[tuple[str, str], list[int]] = {}
+    units: list[list[int]] = []
+    for i, (p, (style, mode)) in enumerate(zip(problems, assign_roles(problems))):
+        if i < start:
+            continue
+        if style != "ellipsis":
+            units.append([i])
+            continue
+        partners = waiting.setdefault((p.tier, "no_think" if mode == "think" else "think"), [])
+        if partners:
+            units.append([partners.pop(0), i])
+        else:
+            waiting.setdefault((p.tier, mode), []).append(i)
+    units += [[i] for rest in waiting.values() for i in rest]  # an odd one out per tier, at most
+    return units
+
+
+def training_rows(problems: list[Problem], examples, recipe: "Recipe") -> list[list[int]]:
+    """The packed rows in training order: the examples of the last `paired_fraction` of the
+    problems, trained as the learning rate decays, come last and in `mode_pairs`.
+
+    Pairs leave more of a row empty (the whole run in pairs took 20% more steps), and the
+    mode choice the base ends with is set by the batches trained last, so only those pair.
+    """
+    rng = random.Random(f"tiny-sft-batches:{recipe.seed}")
+    cut = round(len(problems) * (1 - recipe.paired_fraction))
+    head = pack_rows(examples, recipe.row_tokens, rng, [[i] for i in range(cut)])
+    return head + pack_rows(examples, recipe.row_tokens, rng, mode_pairs(problems, cut))
+
+
+def pack_rows(examples, row_tokens: int, rng: random.Random, units: Optional[list[list[int]]] = None) -> list[list[int]]:
+    """Examples (by index) packed into rows of at most `row_tokens`, in random order; the
+    examples of one of `units` (default: each example alone) go into the same row.
 
     Packing mixes think and no-think examples in every batch. Length buckets would put
     each mode in batches of its own, and the last few batches before the end of the
     schedule would then tilt the ellipsis prompt's mode choice.
     """
-    order = list(range(len(examples)))
+    order = [list(u) for u in units] if units is not None else [[i] for i in range(len(examples))]
     rng.shuffle(order)
     rows: list[list[int]] = []
     free: list[int] = []
-    for i in order:
-        n = len(examples[i][0])
+    for unit in order:
+        n = sum(len(examples[i][0]) for i in unit)
         if n > row_tokens:
-            raise ValueError(f"an SFT example has {n} tokens, more than row_tokens={row_tokens}")
+            raise ValueError(f"SFT examples {unit} have {n} tokens together, more than row_tokens={row_tokens}")
         for r in range(max(0, len(rows) - 16), len(rows)):  # first fit among the newest rows
             if free[r] >= n:
-                rows[r].append(i)
+                rows[r].extend(unit)
                 free[r] -= n
                 break
         else:
-            rows.append([i])
+            rows.append(list(unit))
             free.append(row_tokens - n)
     rng.shuffle(rows)
     return rows
@@ -171,10 +220,9 @@ def _lr_at(step: int, total: int, recipe: Recipe) -> float:
     return recipe.lr * (1 - (1 - recipe.min_lr_ratio) * progress)
 
 
-def train(model, examples, recipe: Recipe, pad_id: int, progress: bool = True) -> list[float]:
-    """One pass over `examples`; returns the loss of every step (mean over response tokens)."""
-    rng = random.Random(f"tiny-sft-batches:{recipe.seed}")
-    rows = pack_rows(examples, recipe.row_tokens, rng)
+def train(model, examples, rows: list[list[int]], recipe: Recipe, pad_id: int, progress: bool = True) -> list[float]:
+    """One pass over `examples`, packed in `rows` (see `training_rows`); returns the loss of
+    every step (mean over response tokens)."""
     per_step = max(1, recipe.max_batch_tokens // recipe.row_tokens)
     batches = [rows[k : k + per_step] for k in range(0, len(rows), per_step)]
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
@@ -243,7 +291,8 @@ def build_base(out_dir: str | Path, quick: bool = False, seed: int = 0, force: b
 
     torch.manual_seed(recipe.seed)
     model = Qwen2ForCausalLM(tiny_config(tokenizer, recipe.size))
-    losses = train(model, examples, recipe, tokenizer.pad_token_id, progress=progress)
+    rows = training_rows(problems, examples, recipe)
+    losses = train(model, examples, rows, recipe, tokenizer.pad_token_id, progress=progress)
     save_model(model, tokenizer, out)
     record = {
         "recipe": asdict(recipe),
