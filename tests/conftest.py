@@ -14,3 +14,25 @@ def tiny_model_dir(tmp_path_factory):
     from at_core.tiny import build_random_model
 
     return build_random_model(tmp_path_factory.mktemp("tiny_model"), size="test")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    """Our rollout server as a real process on loopback, one per test module; a weight update
+    left open times out in 20 s. Modules that need other flags define their own."""
+    from at_rollout.backends.own_server import LocalServer
+
+    srv = LocalServer(tiny_model_dir, log_file=tmp_path_factory.mktemp("server") / "server.log",
+                      extra_args=["--weight-update-timeout-s", "20"])
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def model(tiny_model_dir):
+    """The tiny model as a plain fp32 HF model (the trainer-side copy in weight-sync tests)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)

@@ -7,37 +7,19 @@ from __future__ import annotations
 import time
 
 import pytest
-import torch
 
 from at_core.config import load_config
 from at_core.rollout import RolloutWorkers
 from at_rollout.client import RolloutError
 from at_rollout.dist_group import destroy_group
-from at_rollout.backends.own_server import LocalServer
 from at_rollout.weight_sync import WeightSync
 
 SP = {"max_new_tokens": 4, "temperature": 1.0, "top_p": 1.0, "n": 2, "sampling_seed": 5}
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model_dir, tmp_path_factory):
-    srv = LocalServer(tiny_model_dir, log_file=tmp_path_factory.mktemp("rec") / "server.log",
-                      extra_args=["--weight-update-timeout-s", "20"])
-    srv.start()
-    yield srv
-    srv.stop()
-
-
 @pytest.fixture
 def client(server):
     return server.client(timeout_s=60, retries=1, backoff_s=0.1)
-
-
-@pytest.fixture
-def model(tiny_model_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
 
 
 def workers_for(server, tmp_path, *overrides):

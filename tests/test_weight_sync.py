@@ -21,15 +21,6 @@ PROMPTS = [[0, 3, 40, 41, 42, 9], [0, 3, 50, 51]]
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir, tmp_path_factory):
-    srv = LocalServer(tiny_model_dir, log_file=tmp_path_factory.mktemp("ws") / "server.log",
-                      extra_args=["--weight-update-timeout-s", "20"])
-    srv.start()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
 def client(server):
     return server.client(timeout_s=60, retries=2, backoff_s=0.1)
 
@@ -40,13 +31,6 @@ class Policy(torch.nn.Module):
     def __init__(self, lm):
         super().__init__()
         self.lm = lm
-
-
-@pytest.fixture
-def model(tiny_model_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
 
 
 def perturb(model, seed):
